@@ -1,0 +1,90 @@
+"""Name -> builder registries for vision and text adapters.
+
+Builders are registered next to their implementation (``@register_vision("dino_vits16", ...)``)
+so adding a backbone is one decorated function, never another branch in a factory. A *family*
+(``timm:``, ``hf:``) is a prefix whose remainder is passed to the builder as the model id.
+Builders take ``weights`` (hub id, local file or folder; None = the entry's default) plus keyword
+overrides of the architecture, which is how the tests build tiny models through the real path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fusioner.adapters.base import TextAdapter, VisionAdapter
+from fusioner.errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    build: Callable[..., Any]
+    weights: str  # where the default weights come from, for users and the README table
+    family: bool = False  # a prefix like "timm:" that takes any model id after it
+
+
+class Registry:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, *, weights: str, family: bool = False) -> Callable:
+        def decorator(fn: Callable) -> Callable:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} adapter {name!r} is registered twice")
+            self._entries[name] = Entry(name, fn, weights, family)
+            return fn
+
+        return decorator
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[k] for k in sorted(self._entries)]
+
+    def names(self) -> list[str]:
+        return [f"{e.name}:<name>" if e.family else e.name for e in self.entries()]
+
+    def create(self, name: str, weights: str | None = None, **kwargs: Any) -> Any:
+        prefix, sep, model_id = name.partition(":")
+        entry = self._entries.get(prefix) if sep else self._entries.get(name)
+        if entry is None or entry.family != bool(sep) or (sep and not model_id):
+            raise UnknownNameError(
+                f"unknown {self.kind} backbone {name!r}; known: {', '.join(self.names())}"
+            )
+        if entry.family:
+            return entry.build(model_id, weights=weights, **kwargs)
+        return entry.build(weights=weights, **kwargs)
+
+
+VISION = Registry("vision")
+TEXT = Registry("text")
+register_vision = VISION.register
+register_text = TEXT.register
+
+
+def _load_families() -> None:
+    # Importing the family modules runs their @register decorators.
+    from fusioner.adapters import hf_text, open_clip, timm_vision, word_vectors  # noqa: F401
+
+
+def list_vision() -> list[str]:
+    _load_families()
+    return VISION.names()
+
+
+def list_text() -> list[str]:
+    _load_families()
+    return TEXT.names()
+
+
+def create_vision(name: str, weights: str | None = None, **kwargs: Any) -> VisionAdapter:
+    """Build a frozen vision adapter by registered name, e.g. ``dino_vits16`` or ``timm:resnet50``."""
+    _load_families()
+    return VISION.create(name, weights, **kwargs).freeze()
+
+
+def create_text(name: str, weights: str | None = None, **kwargs: Any) -> TextAdapter:
+    """Build a frozen text adapter by registered name, e.g. ``minilm_l6`` or ``hf:bert-base-cased``."""
+    _load_families()
+    return TEXT.create(name, weights, **kwargs).freeze()

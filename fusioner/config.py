@@ -1,0 +1,168 @@
+"""One flat config for every command: YAML file + ``key=value`` overrides, unknown keys refused.
+
+Keys are flat field names; a dotted spelling (``data.path``) is the same key as its underscore
+spelling (``data_path``), so ``fusioner eval --data.path DIR`` and ``data_path: DIR`` agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fusioner.errors import ConfigError
+
+
+@dataclass
+class Config:
+    # Backbones (registry names, see fusioner.adapters.list_vision / list_text).
+    vision: str = "efficientnet_lite0"
+    vision_weights: str | None = None
+    text: str = "minilm_l6"
+    text_weights: str | None = None
+    templates: str = "name"  # a set in fusioner.adapters.prompts.TEMPLATES
+
+    # Data.
+    dataset: str = "folder"  # pascal5i | coco20i | folder | mosaic4
+    data_path: str = ""
+    fold: int = 0
+    unseen_classes: list[str] = field(default_factory=list)  # folder dataset: names held out of training
+    drop_unseen_images: bool = False  # drop training images that contain held-out classes
+    image_size: int = 384
+    hflip: bool = True
+    num_workers: int = 0
+
+    # Fusion head (model/fusion.py, model/decoder.py).
+    preset: str = "base"  # base | small: sets dim/depth/heads below unless given explicitly
+    dim: int = 0
+    depth: int = 0
+    heads: int = 0
+    mlp_ratio: float = 4.0
+    decoder: str = "default"  # default (halving channels) | paper (512 channels throughout)
+    temperature: float = 0.07
+    threshold: float = 0.5
+
+    # Training.
+    num_negatives: int = 4  # absent seen classes sampled per image as negatives
+    dice_weight: float = 1.0
+    batch_size: int = 8
+    epochs: int = 10
+    max_steps: int = 0  # > 0 caps the number of optimizer steps
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_accum: int = 1
+    clip_grad: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPUs that have it) | no | bf16 | fp16
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    out_dir: str = "runs/default"
+    cache_dir: str = ""  # frozen-feature cache; empty = <out_dir>/../cache
+    use_cache: bool = True
+
+    # Evaluation.
+    eval_mode: str = "fixed"  # fixed (image_size) | sliding (original resolution)
+    eval_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        presets = {"base": (512, 12, 8), "small": (256, 4, 8), "tiny": (64, 1, 2)}
+        if self.preset not in presets:
+            raise ConfigError(f"config key 'preset': unknown preset {self.preset!r}; known: {', '.join(presets)}")
+        dim, depth, heads = presets[self.preset]
+        self.dim = self.dim or dim
+        self.depth = self.depth or depth
+        self.heads = self.heads or heads
+        if self.dim % self.heads:
+            raise ConfigError(f"config key 'dim': {self.dim} is not divisible by heads={self.heads}")
+        choices = {
+            "decoder": ("default", "paper"),
+            "precision": ("auto", "no", "bf16", "fp16"),
+            "eval_mode": ("fixed", "sliding"),
+            "dataset": ("pascal5i", "coco20i", "folder", "mosaic4"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or say what was expected."""
+    hint = typing.get_type_hints(Config)[key]
+    origin = typing.get_origin(hint)
+    if isinstance(value, str) and (hint is not str):
+        value = yaml.safe_load(value) if value != "" else None
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if hint is int and value != int(value):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return hint(value)
+    if hint is str and value is not None:
+        return str(value)
+    raise ConfigError(f"config key {key!r}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _canonical(key: str, source: str) -> str:
+    name = key.strip().lstrip("-").replace(".", "_").replace("-", "_")
+    if name not in Config.keys():
+        close = difflib.get_close_matches(name, Config.keys(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
+    return name
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> Config:
+    """Read ``path`` (YAML), apply ``key=value`` overrides then keyword overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of keys to values")
+        for key, value in data.items():
+            values[_canonical(str(key), str(path))] = (value, str(path))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        values[_canonical(key, "command line")] = (value, "command line")
+    for key, value in kwargs.items():
+        values[_canonical(key, "keyword argument")] = (value, "keyword argument")
+    coerced = {key: _coerce(key, value, None) for key, (value, _src) in values.items()}
+    return Config(**coerced)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from fusioner.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

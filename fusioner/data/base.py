@@ -1,0 +1,74 @@
+"""The sample contract every dataset follows.
+
+A sample is a dict::
+
+    image: float32 "3 h w" in [0, 1], the image at its own size
+    mask:  int64   "h w": 0 = background, i >= 1 = names[i - 1], 255 = ignore
+    names: tuple[str, ...]: the class name of each label 1..len(names), in label order
+    id:    str, unique and stable within the dataset (the feature cache keys on it)
+
+Masks stay in the dataset's own label space; which names count as seen or unseen, and whether a
+sample is queried one name at a time or with all names at once, is the protocol's choice
+(``fusioner.engine``), never the dataset's. ``vocabulary`` lists every class name the dataset
+can contain, so the engine can sample absent names as negatives.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from fusioner.errors import DataError
+
+IGNORE = 255
+
+
+class Sample(TypedDict):
+    image: Tensor
+    mask: Tensor
+    names: tuple[str, ...]
+    id: str
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Base class: subclasses set ``vocabulary`` and implement ``__len__`` / ``__getitem__``."""
+
+    vocabulary: list[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Sample:
+        raise NotImplementedError
+
+
+def read_image(path) -> Tensor:
+    """RGB image file -> float32 ``3 h w`` in [0, 1]; unreadable files raise DataError naming the path."""
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"image file {path} does not exist") from None
+    except Exception as e:  # PIL raises several unrelated types for broken files
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def read_mask(path) -> Tensor:
+    """Single-channel label PNG (palette or L) -> int64 ``h w``; the palette index is the label."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise DataError(f"mask {path} has mode {im.mode}; expected a single-channel (L or palette) PNG")
+            array = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"mask file {path} does not exist") from None
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read mask {path}: {e}") from None
+    return torch.from_numpy(array.astype(np.int64))
