@@ -50,6 +50,7 @@ class Config:
 
     # Training.
     num_negatives: int = 4  # absent seen classes sampled per image as negatives
+    shuffle_names: bool = False  # ablation: permute the seen names' embeddings among themselves
     dice_weight: float = 1.0
     batch_size: int = 8
     epochs: int = 10

@@ -45,6 +45,10 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Sample:
         raise NotImplementedError
 
+    def item_id(self, index: int) -> str:
+        """The sample's ``id`` without decoding it; subclasses override this with a cheap lookup."""
+        return self[index]["id"]
+
 
 def read_image(path) -> Tensor:
     """RGB image file -> float32 ``3 h w`` in [0, 1]; unreadable files raise DataError naming the path."""

@@ -1,0 +1,138 @@
+"""`fusioner` command line: parse, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fusioner.errors import FusionerError
+
+
+def _overrides(extra: list[str]) -> list[str]:
+    """``key=value`` and ``--key value`` / ``--key=value`` (e.g. ``--data.path DIR``) as overrides."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if item.startswith("--"):
+            key = item[2:]
+            if "=" in key:
+                out.append(key)
+            elif i + 1 < len(extra):
+                out.append(f"{key}={extra[i + 1]}")
+                i += 1
+            else:
+                raise FusionerError(f"option {item} needs a value")
+        elif "=" in item:
+            out.append(item)
+        else:
+            raise FusionerError(f"unexpected argument {item!r}: overrides are key=value")
+        i += 1
+    return out
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    from fusioner.config import load_config
+    from fusioner.engine.train import train
+
+    config = load_config(args.config, _overrides(extra))
+    result = train(config, resume=args.resume)
+    print(f"trained {result.steps} steps; model in {result.out_dir / 'model'}")
+
+
+def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:
+    import torch
+
+    from fusioner.adapters import create_vision
+    from fusioner.config import load_config
+    from fusioner.data import build_split
+    from fusioner.engine.train import prepare_cache
+
+    config = load_config(args.config, _overrides(extra))
+    vision = create_vision(config.vision, config.vision_weights)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vision.to(device)
+    split = build_split(config)
+    for name, dataset in (("train", split.train), ("val", split.val)):
+        cache = prepare_cache(config, vision, dataset, device)
+        print(f"{name}: {len(dataset)} images cached in {cache.dir}")
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
+    from fusioner.engine.evaluate import evaluate_model
+
+    out = evaluate_model(args.model, args.config, _overrides(extra), out=args.out)
+    metrics = json.loads(out.read_text())
+    one, gz = metrics["one_way"], metrics["gzss"]
+    print(
+        f"1-way mIoU {one['miou']:.4f}  FB-IoU {one['fbiou']:.4f}  |  GZSS seen {gz['miou_seen']:.4f} "
+        f"unseen {gz['miou_unseen']:.4f} hIoU {gz['hiou']:.4f}\nwrote {out}"
+    )
+
+
+def cmd_predict(args: argparse.Namespace, extra: list[str]) -> None:
+    from fusioner.predict import predict_images
+
+    names = [n.strip() for n in args.classes.split(",") if n.strip()]
+    for path in predict_images(args.model, args.images, names, Path(args.out)):
+        print(path)
+
+
+def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> None:
+    from fusioner.quickstart import quickstart
+
+    report = quickstart(Path(args.out), seed=args.seed, fast=args.fast, overrides=_overrides(extra))
+    print(report.summary())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusioner", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a fusion head (config + key=value overrides)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("cache", help="fill the frozen-feature cache ahead of training")
+    p.add_argument("--config", required=True)
+    p.set_defaults(fn=cmd_cache)
+
+    p = sub.add_parser("eval", help="evaluate a trained model; writes metrics.json")
+    p.add_argument("--model", required=True, help="run directory, model folder or Hub repo id")
+    p.add_argument("--config", help="dataset config (default: the run's own config.yaml)")
+    p.add_argument("--out", help="where to write metrics.json (default: beside the model)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("predict", help="segment your own images with your own class names")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True)
+    p.add_argument("--classes", required=True, help='comma-separated names, e.g. "cat,dog,grass"')
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("quickstart", help="offline demo: train on pictograms, segment names never seen")
+    p.add_argument("--out", required=True, help="output folder for the data, runs and report")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true", help="a tiny setting that only checks the pipeline (CI)")
+    p.set_defaults(fn=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.fn(args, extra)
+    except FusionerError as e:
+        print(f"fusioner {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Training loop (accelerate): only the fusion head trains; the backbones stay frozen.
+
+Every random choice of a training example (flip, negative names) is drawn from
+``(seed, virtual index)``, and the epoch order from ``(seed, epoch)``, so a run resumed from a
+checkpoint sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from fusioner.config import Config, save_config
+from fusioner.data import Split, build_split
+from fusioner.data.base import IGNORE, SegDataset
+from fusioner.data.transforms import resize
+from fusioner.engine.cache import FeatureCache, cache_key, fill_cache
+from fusioner.engine.losses import mask_loss
+from fusioner.errors import FusionerError
+from fusioner.io import atomic_write_json
+from fusioner.model import FusionerModel
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+# -- where a training example's pixels come from -------------------------------------------------
+class ImageSource:
+    """Decoded images resized to the training size: the backbone runs on every step."""
+
+    cached = False
+
+    def __init__(self, dataset: SegDataset, image_size: int) -> None:
+        self.dataset, self.image_size = dataset, image_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, tuple[str, ...]]:
+        s = resize(self.dataset[index], self.image_size)
+        return s["image"], s["mask"], tuple(s["names"])
+
+
+class CachedSource:
+    """Tokens ``gh gw c`` and masks read from the feature cache: the backbone never runs."""
+
+    cached = True
+
+    def __init__(self, cache: FeatureCache, ids: list[str]) -> None:
+        self.cache, self.ids = cache, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, tuple[str, ...]]:
+        item = self.cache.read(self.ids[index])
+        return item.tokens, item.mask.long(), item.names
+
+
+def dataset_id(config: Config) -> str:
+    root = str(Path(config.data_path).resolve()) if config.data_path else ""
+    return f"{config.dataset}:{root}"
+
+
+def prepare_cache(config: Config, vision, dataset: SegDataset, device: torch.device) -> FeatureCache:
+    """Open (and fill what is missing of) the feature cache for ``dataset`` at the config's size."""
+    root = Path(config.cache_dir) if config.cache_dir else Path(config.out_dir).parent / "cache"
+    cache = FeatureCache(root, cache_key(vision, config.image_size, dataset_id(config)))
+    fill_cache(cache, vision, dataset, config.image_size, device=device, batch_size=config.eval_batch_size)
+    return cache
+
+
+# -- one training example --------------------------------------------------------------------------
+class TrainView(Dataset):
+    """Virtual index ``v`` -> the example ``v % n`` with its randomness drawn from ``(seed, v)``.
+
+    The mask is mapped to the seen vocabulary: 0 = background (unseen classes included: the
+    standard inductive setting, where held-out pixels are background), ``j + 1`` = ``seen[j]``,
+    255 = ignore.
+    """
+
+    def __init__(self, source, seen: list[str], *, hflip: bool, seed: int) -> None:
+        self.source, self.seed, self.hflip = source, seed, hflip
+        self.vocab = {name: j for j, name in enumerate(seen)}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, v: int) -> dict[str, Any]:
+        x, mask, names = self.source[v % len(self.source)]
+        rng = np.random.default_rng([self.seed, v])
+        if self.hflip and rng.random() < 0.5:
+            # Cached tokens are flipped on their grid (gh gw c), images on their pixels (3 h w).
+            x = x.flip(1) if self.source.cached else x.flip(-1)
+            mask = mask.flip(-1)
+        lut = torch.zeros(256, dtype=torch.long)
+        lut[IGNORE] = IGNORE
+        for label, name in enumerate(names, start=1):
+            if name in self.vocab:
+                lut[label] = self.vocab[name] + 1
+        target = lut[mask.clamp(0, 255)]
+        present = sorted({int(t) - 1 for t in target.unique() if 0 < t < IGNORE})
+        absent = np.setdiff1d(np.arange(len(self.vocab)), present)
+        return {"x": x, "target": target, "present": present, "absent": rng.permutation(absent).tolist()}
+
+
+def make_collate(num_negatives: int, vocab_size: int):
+    def collate(items: list[dict[str, Any]]) -> dict[str, Tensor]:
+        k = min(max(len(it["present"]) for it in items) + num_negatives, vocab_size)
+        classes = [it["present"] + it["absent"][: k - len(it["present"])] for it in items]
+        class_idx = torch.tensor(classes, dtype=torch.long)  # b k
+        target = torch.stack([it["target"] for it in items])  # b h w
+        return {
+            "x": torch.stack([it["x"] for it in items]),
+            "class_idx": class_idx,
+            "targets": (target[:, None] == class_idx[:, :, None, None] + 1).to(torch.uint8),  # b k h w
+            "valid": target != IGNORE,
+        }
+
+    return collate
+
+
+class EpochSampler(Sampler[int]):
+    """Virtual indices ``e * n + i`` for every epoch ``e``, each epoch in its own seeded order."""
+
+    def __init__(self, n: int, epochs: int, seed: int) -> None:
+        self.n, self.epochs, self.seed = n, epochs, seed
+
+    def __len__(self) -> int:
+        return self.n * self.epochs
+
+    def __iter__(self) -> Iterator[int]:
+        for epoch in range(self.epochs):
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            yield from (order + epoch * self.n).tolist()
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    done = sorted(p for p in (Path(out_dir) / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def _save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int) -> Path:
+    """``save_state`` into a temporary folder renamed into place: never a half-written checkpoint."""
+    final = out_dir / CHECKPOINTS / f"step-{step:08d}"
+    if final.exists():
+        return final
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    os.replace(tmp, final)
+    for old in sorted((out_dir / CHECKPOINTS).glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _precision(config: Config) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    losses: list[float]  # one per optimizer step of this process's run (resumed runs: from the resume)
+    model: FusionerModel
+
+
+def train(config: Config, *, resume: bool = False, split: Split | None = None) -> TrainResult:
+    """Train the fusion head of ``config``; writes checkpoints, ``losses.jsonl`` and ``model/``."""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", out_dir / CHECKPOINTS)
+    if not resume and latest_checkpoint(out_dir) is not None:
+        raise FusionerError(f"{out_dir} already holds checkpoints: pass --resume to continue, or another out_dir")
+    save_config(config, out_dir / "config.yaml")
+
+    accelerator = Accelerator(
+        mixed_precision=_precision(config),
+        gradient_accumulation_steps=config.grad_accum,
+        log_with="tensorboard",
+        project_dir=str(out_dir),
+    )
+    set_seed(config.seed)
+    split = split or build_split(config)
+    if not split.seen:
+        raise FusionerError("no seen class names to train on: check unseen_classes / fold")
+    model = FusionerModel.from_config(config)
+    device = accelerator.device
+    model.vision.to(device)
+    model.text.to(device)
+
+    vocab = model.text(split.seen)  # v ct, encoded once per vocabulary
+    if config.shuffle_names:
+        vocab = vocab[torch.randperm(len(vocab), generator=torch.Generator().manual_seed(config.seed))]
+    source = (
+        CachedSource(
+            prepare_cache(config, model.vision, split.train, device),
+            [split.train.item_id(i) for i in range(len(split.train))],
+        )
+        if config.use_cache
+        else ImageSource(split.train, config.image_size)
+    )
+    view = TrainView(source, split.seen, hflip=config.hflip, seed=config.seed)
+    loader = DataLoader(
+        view,
+        batch_size=config.batch_size,
+        sampler=EpochSampler(len(view), config.epochs, config.seed),
+        collate_fn=make_collate(config.num_negatives, len(split.seen)),
+        num_workers=config.num_workers,
+        drop_last=True,
+    )
+    total = len(loader) // config.grad_accum
+    total = min(total, config.max_steps) if config.max_steps > 0 else total
+    if total == 0:
+        raise FusionerError(
+            f"no training step fits: {len(view)} images x {config.epochs} epochs with batch_size="
+            f"{config.batch_size} and grad_accum={config.grad_accum}"
+        )
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, total // 2), total)
+    # Only the head (and what drives it) is prepared: the frozen adapters get no DDP wrapper,
+    # no optimizer state and no gradients.
+    head, optimizer, loader, scheduler = accelerator.prepare(model.head, optimizer, loader, scheduler)
+    accelerator.init_trackers("train", config={k: str(v) for k, v in config.to_dict().items()})
+
+    step = 0
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        log.info("resumed from %s (step %d)", ckpt, step)
+    batches = accelerator.skip_first_batches(loader, step * config.grad_accum) if step else loader
+    loss_log = out_dir / "losses.jsonl"
+    kept = [ln for ln in loss_log.read_text().splitlines() if json.loads(ln)["step"] <= step] if step and loss_log.exists() else []
+    loss_log.write_text("".join(ln + "\n" for ln in kept))
+
+    losses: list[float] = []
+    running: list[float] = []
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    head.train()
+    with loss_log.open("a") as log_file:
+        for batch in batches:
+            if step >= total:
+                break
+            with accelerator.accumulate(head):
+                x = batch["x"].to(device)
+                if source.cached:
+                    tokens, grid = x.flatten(1, 2), (x.shape[1], x.shape[2])
+                else:
+                    out = model.vision(x)
+                    tokens, grid = out.tokens, out.grid
+                size = tuple(batch["targets"].shape[-2:])
+                logits = head(tokens.float(), grid, vocab[batch["class_idx"].to(device)], size)
+                loss = mask_loss(logits, batch["targets"].to(device), batch["valid"].to(device), config.dice_weight)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.clip_grad > 0:
+                    accelerator.clip_grad_norm_(head.parameters(), config.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running.append(loss.item())
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            value = float(np.mean(running))
+            running = []
+            losses.append(value)
+            log_file.write(json.dumps({"step": step, "loss": value, "lr": scheduler.get_last_lr()[0]}) + "\n")
+            if step % config.log_every == 0 or step == total:
+                log_file.flush()
+                accelerator.log({"loss": value, "lr": scheduler.get_last_lr()[0]}, step=step)
+            bar.set_postfix(loss=f"{value:.4f}")
+            bar.update()
+            if step % config.checkpoint_every == 0 and step < total:
+                accelerator.wait_for_everyone()
+                _save_checkpoint(accelerator, out_dir, step)
+    bar.close()
+    accelerator.wait_for_everyone()
+    _save_checkpoint(accelerator, out_dir, step)
+    model.head = accelerator.unwrap_model(head)
+    if accelerator.is_main_process:
+        model.save_pretrained(out_dir / "model")
+        atomic_write_json(out_dir / "train_state.json", {"steps": step, "total_steps": total, "finished": step >= total})
+    accelerator.end_training()
+    return TrainResult(out_dir, step, losses, model)
