@@ -1,11 +1,13 @@
 """Upsampling decoder: fused patch tokens on their grid -> per-pixel embeddings at 8x the grid.
 
 Three stages of conv3x3 + GroupNorm + ReLU, each followed by 2x bilinear upsampling, then a 1x1
-conv back to the fusion width so pixels and class tokens live in one space for the cosine logits.
+conv to ``out_dim``: the width of the space where pixels meet class tokens for the cosine logits.
 
-``default`` halves the channels at every upsampling. ``paper`` keeps the full width (512) at every
-stage as the released Fusioner code did; at 128x128 that decoder alone costs more FLOPs than a
-ViT-L/14 forward, which is why it is not the default.
+``default`` halves the channels at every upsampling and keeps the last width as ``out_dim`` (the
+head maps class tokens down to it): normalising and scoring ``d``-wide pixel features at 8x the
+grid would cost more than the whole fusion transformer. ``paper`` keeps the full width at every
+stage and scores in ``d`` dimensions as the released Fusioner code did; at 128x128 that decoder
+alone costs more FLOPs than a ViT-L/14 forward, which is why it is not the default.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ class Decoder(nn.Module):
             nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), _norm(cout), nn.ReLU(inplace=True))
             for cin, cout in zip(widths[:-1], widths[1:], strict=True)
         )
-        self.out = nn.Conv2d(widths[-1], dim, 1)
+        self.out_dim = widths[-1]
+        self.out = nn.Conv2d(widths[-1], self.out_dim, 1)
 
     def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        """tokens: ``b (gh gw) d`` -> pixel embeddings ``b d (gh*8) (gw*8)``."""
+        """tokens: ``b (gh gw) d`` -> pixel embeddings ``b out_dim (gh*8) (gw*8)``."""
         x = rearrange(tokens, "b (gh gw) d -> b d gh gw", gh=grid[0], gw=grid[1])
         for stage in self.stages:
             x = F.interpolate(stage(x), scale_factor=2, mode="bilinear", align_corners=False)

@@ -22,6 +22,7 @@ class JointFusion(nn.Module):
         depth: int = 12,
         heads: int = 8,
         mlp_ratio: float = 4.0,
+        class_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.visual_in = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, dim), nn.LayerNorm(dim))
@@ -34,10 +35,10 @@ class JointFusion(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.visual_out = nn.Linear(dim, dim)
-        self.class_out = nn.Linear(dim, dim)
+        self.class_out = nn.Linear(dim, class_dim or dim)
 
     def forward(self, tokens: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens: ``b n cv``; text: ``b k ct`` -> (visual ``b n d``, classes ``b k d``)."""
+        """tokens: ``b n cv``; text: ``b k ct`` -> (visual ``b n d``, classes ``b k class_dim``)."""
         n = tokens.shape[1]
         x = torch.cat([self.visual_in(tokens), self.text_in(text) + self.class_embed], dim=1)
         for block in self.blocks:

@@ -48,10 +48,16 @@ class FusionHead(nn.Module):
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
         self.config = config
-        self.fusion = JointFusion(
-            config.vision_dim, config.text_dim, config.dim, config.depth, config.heads, config.mlp_ratio
-        )
         self.decoder = Decoder(config.dim, config.decoder)
+        self.fusion = JointFusion(
+            config.vision_dim,
+            config.text_dim,
+            config.dim,
+            config.depth,
+            config.heads,
+            config.mlp_ratio,
+            class_dim=self.decoder.out_dim,
+        )
 
     def forward(self, tokens: Tensor, grid: tuple[int, int], text: Tensor, size: tuple[int, int]) -> Tensor:
         """tokens ``b n cv``, text ``b k ct`` (or ``k ct``, shared) -> logits ``b k h w`` at ``size``."""
