@@ -29,7 +29,7 @@ class Config:
     templates: str = "name"  # a set in fusioner.adapters.prompts.TEMPLATES
 
     # Data.
-    dataset: str = "folder"  # pascal5i | coco20i | folder | mosaic4
+    dataset: str = "folder"  # pascal5i | coco20i | folder | mosaic4 | pictograms
     data_path: str = ""
     fold: int = 0
     unseen_classes: list[str] = field(default_factory=list)  # folder dataset: names held out of training
@@ -86,7 +86,7 @@ class Config:
             "decoder": ("default", "paper"),
             "precision": ("auto", "no", "bf16", "fp16"),
             "eval_mode": ("fixed", "sliding"),
-            "dataset": ("pascal5i", "coco20i", "folder", "mosaic4"),
+            "dataset": ("pascal5i", "coco20i", "folder", "mosaic4", "pictograms"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -100,12 +100,15 @@ class Config:
         return [f.name for f in dataclasses.fields(cls)]
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
+def _coerce(key: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or say what was expected."""
     hint = typing.get_type_hints(Config)[key]
     origin = typing.get_origin(hint)
     if isinstance(value, str) and (hint is not str):
-        value = yaml.safe_load(value) if value != "" else None
+        try:  # YAML 1.1 reads "3e-4" as a string; Python's float() does not
+            value = float(value) if hint is float else yaml.safe_load(value) if value != "" else None
+        except (ValueError, yaml.YAMLError):
+            pass
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
@@ -159,7 +162,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         values[_canonical(key, "command line")] = (value, "command line")
     for key, value in kwargs.items():
         values[_canonical(key, "keyword argument")] = (value, "keyword argument")
-    coerced = {key: _coerce(key, value, None) for key, (value, _src) in values.items()}
+    coerced = {key: _coerce(key, value) for key, (value, _src) in values.items()}
     return Config(**coerced)
 
 

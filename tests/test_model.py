@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from fusioner.model import FusionHead, HeadConfig, labels_from_logits
+
+
+def _head(**kw):
+    torch.manual_seed(0)
+    return FusionHead(HeadConfig(vision_dim=24, text_dim=20, dim=32, depth=2, heads=4, **kw))
+
+
+@pytest.mark.parametrize("decoder", ["default", "paper"])
+def test_head_shapes_for_any_grid_and_k(decoder):
+    head = _head(decoder=decoder)
+    tokens = torch.randn(2, 3 * 5, 24)
+    for k in (1, 7):
+        logits = head(tokens, (3, 5), torch.randn(2, k, 20), (48, 80))
+        assert logits.shape == (2, k, 48, 80)
+    shared = head(tokens, (3, 5), torch.randn(4, 20), (48, 80))  # "k ct" shared by the batch
+    assert shared.shape == (2, 4, 48, 80)
+
+
+def test_paper_decoder_keeps_full_width_default_halves():
+    paper, default = _head(decoder="paper"), _head()
+    assert paper.decoder.out_dim == 32 and default.decoder.out_dim == 16
+    assert sum(p.numel() for p in paper.parameters()) > sum(p.numel() for p in default.parameters())
+
+
+def test_logits_are_bounded_cosines_over_temperature():
+    head = _head(temperature=0.1)
+    logits = head(torch.randn(1, 4, 24), (2, 2), torch.randn(1, 3, 20), (16, 16))
+    assert logits.abs().max() <= 1 / 0.1 + 1e-4
+
+
+def test_labels_from_logits_threshold_and_argmax():
+    logits = torch.tensor([[[[5.0, -5.0, 0.1]]], [[[1.0, -5.0, 3.0]]]]).permute(1, 0, 2, 3)  # 1 2 1 3
+    labels = labels_from_logits(logits, threshold=0.6)
+    # pixel 0: class 1 wins (p=.99); pixel 1: both below threshold -> background; pixel 2: class 2 (p=.95)
+    assert labels.tolist() == [[[1, 0, 2]]]
+
+
+def test_each_class_token_gets_its_own_mask():
+    """Swapping two class names in the query swaps their masks: K classes really are independent outputs."""
+    head = _head().eval()
+    tokens, text = torch.randn(1, 9, 24), torch.randn(1, 3, 20)
+    a = head(tokens, (3, 3), text, (24, 24))
+    b = head(tokens, (3, 3), text[:, [2, 1, 0]], (24, 24))
+    torch.testing.assert_close(a[:, [2, 1, 0]], b, atol=1e-5, rtol=1e-5)
