@@ -31,6 +31,7 @@ class Config:
     # Data.
     dataset: str = "folder"  # pascal5i | coco20i | folder | mosaic4 | pictograms
     data_path: str = ""
+    split_dir: str = ""  # HSNet-format list folder (pascal5i / coco20i); empty = image lists by rule
     fold: int = 0
     unseen_classes: list[str] = field(default_factory=list)  # folder dataset: names held out of training
     drop_unseen_images: bool = False  # drop training images that contain held-out classes

@@ -45,7 +45,7 @@ class FrozenModule(nn.Module):
             h = hashlib.sha1()
             for key, value in sorted(self.state_dict().items()):
                 h.update(key.encode())
-                h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from fusioner.data.base import Sample, SegDataset
-from fusioner.errors import DataError
+from fusioner.data.splits import Split
+from fusioner.errors import ConfigError, DataError
 
 TILES = 4
 
@@ -55,11 +56,15 @@ class Mosaic4(SegDataset):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.data = load_mosaic4(self.path)
-        # Only the names column is read here; images are decoded per sample.
+        # Only the id and names columns are read here; images are decoded per sample.
+        self.ids: list[str] = list(self.data["id"])
         self.vocabulary = sorted({name for names in self.data["names"] for name in names})
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def item_id(self, index: int) -> str:
+        return self.ids[index]
 
     def __getitem__(self, index: int) -> Sample:
         row = self.data[index]
@@ -77,3 +82,25 @@ class Mosaic4(SegDataset):
             names=names,
             id=row["id"],
         )
+
+
+class _EvaluationOnly(SegDataset):
+    """Stands in for the training set of an evaluation-only benchmark, and says so when used."""
+
+    def __init__(self) -> None:
+        self.vocabulary = []
+
+    def __len__(self) -> int:
+        raise ConfigError("config key 'dataset': mosaic4 is an evaluation set; train on another dataset")
+
+
+def build_mosaic4(config) -> Split:
+    """``dataset: mosaic4``: a folder written by ``mosaic4 generate`` (``data_path``), evaluation only.
+
+    Every name is unseen: the benchmark asks whether a model trained elsewhere finds the quarter
+    a class name points to, so one-way IoU over all names is its score.
+    """
+    if not config.data_path:
+        raise ConfigError("config key 'data_path' is empty; set it to a folder written by `mosaic4 generate`")
+    val = Mosaic4(config.data_path)
+    return Split(train=_EvaluationOnly(), val=val, seen=[], unseen=list(val.vocabulary))

@@ -213,8 +213,9 @@ class ListDataset(SegDataset):
 
     Subclasses say where an id's image and mask are (:meth:`image_path`, :meth:`mask_path`) and
     may override :meth:`load_mask` (rendered masks) or :meth:`labels` (a cheaper source than the
-    mask). Reading a sample (or its labels) checks that image and mask agree in size and that every label is in
-    the vocabulary, so a broken file fails with its name, not deep inside a loss.
+    mask). Reading a sample checks that image and mask agree in size, reading a sample or its
+    labels that every label is in the vocabulary, so a broken file fails with its name, not deep
+    inside a loss.
     """
 
     label_source = "the dataset"  # named when a mask holds a label outside the vocabulary
@@ -245,6 +246,9 @@ class ListDataset(SegDataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def item_id(self, index: int) -> str:
+        return self.ids[index]
 
     def __getitem__(self, index: int) -> Sample:
         id = self.ids[index]
@@ -295,12 +299,11 @@ class ListDataset(SegDataset):
         if unknown:
             raise ConfigError(f"class names {unknown} are not in this dataset's vocabulary")
         wanted = {self.vocabulary.index(n) + 1 for n in names}
+        vocab = self.vocabulary
         if self.listed_pairs is not None:
             index = {id: i for i, id in enumerate(self.ids)}
-            return [(index[id], self.vocabulary[label - 1]) for id, label in self.listed_pairs if label in wanted]
-        return [
-            (i, self.vocabulary[label - 1]) for i in range(len(self)) for label in sorted(self.labels(i) & wanted)
-        ]
+            return [(index[id], vocab[label - 1]) for id, label in self.listed_pairs if label in wanted]
+        return [(i, vocab[label - 1]) for i in range(len(self)) for label in sorted(self.labels(i) & wanted)]
 
 
 def training_subset(

@@ -46,7 +46,7 @@ def fixed_logits(
         small = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         tokens, grid = _tokens(model, small)
     tokens = tokens.to(text.device).expand(text.shape[0], -1, -1)
-    logits = model.head(tokens, grid, text, (size, size))
+    logits = model.head(tokens, grid, text)  # at the decoder's resolution: resized once, below
     return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
 
 

@@ -59,22 +59,30 @@ class FusionHead(nn.Module):
             class_dim=self.decoder.out_dim,
         )
 
-    def forward(self, tokens: Tensor, grid: tuple[int, int], text: Tensor, size: tuple[int, int]) -> Tensor:
-        """tokens ``b n cv``, text ``b k ct`` (or ``k ct``, shared) -> logits ``b k h w`` at ``size``."""
+    def forward(
+        self, tokens: Tensor, grid: tuple[int, int], text: Tensor, size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """tokens ``b n cv``, text ``b k ct`` (or ``k ct``, shared) -> logits ``b k h w``.
+
+        ``h w`` is ``size`` when given, else the decoder's own resolution (8x the grid), for callers
+        that resize the logits themselves (resizing twice would cost more than the head).
+        """
         if text.ndim == 2:
             text = text.expand(tokens.shape[0], -1, -1)
         visual, classes = self.fusion(tokens, text.to(tokens.dtype))
         pixels = F.normalize(self.decoder(visual, grid), dim=1)
         classes = F.normalize(classes, dim=-1)
         logits = einsum(pixels, classes, "b d h w, b k d -> b k h w") / self.config.temperature
+        if size is None:
+            return logits
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def labels_from_logits(logits: Tensor, threshold: float) -> Tensor:
     """``b k h w`` logits -> ``b h w`` labels: 0 where every class is below threshold, else argmax + 1."""
-    probs = logits.float().sigmoid()
-    best, index = probs.max(dim=1)
-    return torch.where(best >= threshold, index + 1, torch.zeros_like(index))
+    # sigmoid is monotonic: take the max on logits and apply it to one value per pixel, not k.
+    best, index = logits.max(dim=1)
+    return torch.where(best.float().sigmoid() >= threshold, index + 1, torch.zeros_like(index))
 
 
 class FusionerModel(nn.Module):
