@@ -62,6 +62,7 @@ class Config:
     grad_accum: int = 1
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPUs that have it) | no | bf16 | fp16
+    compile: bool = False  # torch.compile the head (worth it on GPUs for long runs)
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 10

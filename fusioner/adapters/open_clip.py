@@ -50,6 +50,8 @@ def create_clip(
     cfg = _merge(
         {**open_clip.get_model_config(arch), "quick_gelu": tag_cfg.get("quick_gelu", False)}, overrides
     )
+    if weights == W.RANDOM:
+        return open_clip.create_model(arch, pretrained=None, **cfg).eval(), cfg, tag_cfg
     source = weights or f"hf-hub:{tag_cfg['hf_hub'].strip('/')}"
     path = W.resolve_file(name, source, names=_CLIP_FILES)
     try:

@@ -34,6 +34,9 @@ from fusioner.errors import WeightsError
 
 # Checkpoint file names, most preferred first; safetensors wins because it cannot run code.
 CHECKPOINT_NAMES = ("model.safetensors", "pytorch_model.bin")
+# ``weights="random"``: the architecture with its random initialisation, no file read. For timing
+# (benchmarks) and offline smoke runs of backbones whose weights cannot be downloaded here.
+RANDOM = "random"
 _CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".tar", ".ckpt", ".npy", ".npz")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")

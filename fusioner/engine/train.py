@@ -241,6 +241,8 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
             f"{config.batch_size} and grad_accum={config.grad_accum}"
         )
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.compile:
+        model.head.compile()  # in place: state_dict keys stay those of the plain module
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, total // 2), total)
     # Only the head (and what drives it) is prepared: the frozen adapters get no DDP wrapper,
     # no optimizer state and no gradients.
