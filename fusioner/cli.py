@@ -65,11 +65,14 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
 
     out = evaluate_model(args.model, args.config, _overrides(extra), out=args.out)
     metrics = json.loads(out.read_text())
-    one, gz = metrics["one_way"], metrics["gzss"]
-    print(
-        f"1-way mIoU {one['miou']:.4f}  FB-IoU {one['fbiou']:.4f}  |  GZSS seen {gz['miou_seen']:.4f} "
-        f"unseen {gz['miou_unseen']:.4f} hIoU {gz['hiou']:.4f}\nwrote {out}"
-    )
+    one = metrics["one_way"]
+    line = f"1-way mIoU {one['miou']:.4f}  FB-IoU {one['fbiou']:.4f}"
+    if "gzss" in metrics:
+        gz = metrics["gzss"]
+        line += f"  |  GZSS seen {gz['miou_seen']:.4f} unseen {gz['miou_unseen']:.4f} hIoU {gz['hiou']:.4f}"
+    else:
+        line += f"  |  n-way (each image's own names in one pass) mIoU {metrics['n_way']['miou']:.4f}"
+    print(f"{line}\nwrote {out}")
 
 
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> None:

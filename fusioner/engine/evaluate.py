@@ -80,9 +80,14 @@ def evaluate(
     cache: FeatureCache | None = None,
     progress: bool = True,
 ) -> dict:
-    """1-way on every unseen name present in an image (queried alone) and GZSS over seen + unseen.
+    """1-way on every unseen name present in an image (queried alone), plus one multi-class protocol.
 
-    Returns ``{"one_way": {miou, fbiou, per_class}, "gzss": {miou_seen, miou_unseen, hiou, ...}}``.
+    - ``gzss`` (when there are seen names): every seen and unseen name in one pass, mIoU on seen,
+      on unseen, and hIoU;
+    - ``n_way`` (evaluation-only sets such as Mosaic-4, where nothing is "seen"): the sample's own
+      names in one pass (4-way on Mosaic-4), IoU per name over the whole set.
+
+    Returns ``{"one_way": {miou, fbiou, per_class}, "gzss" | "n_way": {...}}``.
     """
     model.eval()
     device = next(model.head.parameters()).device
@@ -91,7 +96,7 @@ def evaluate(
     text_all = model.text(names).to(device)  # v ct
     queried = set(unseen)
     one_way = OneWayMeter(list(unseen))
-    gzss = GZSSMeter(names, set(unseen))
+    multi = GZSSMeter(names, set(unseen))
 
     def logits_for(sample, text: Tensor) -> Tensor:
         image = sample["image"].to(device)
@@ -119,10 +124,17 @@ def evaluate(
             for name, prob in zip(present, probs, strict=True):
                 one_way.update(name, prob >= settings.threshold, target == index[name] + 1, valid)
 
-        logits = logits_for(sample, text_all[None])  # 1 v H W: every name in one pass
-        gzss.update(labels_from_logits(logits, settings.threshold)[0], target)
+        if seen:
+            logits = logits_for(sample, text_all[None])  # 1 v H W: every name in one pass
+            multi.update(labels_from_logits(logits, settings.threshold)[0], target)
+        else:
+            own = list(dict.fromkeys(n for n in sample["names"] if n in index))
+            logits = logits_for(sample, text_all[[index[n] for n in own]][None])  # 1 k H W
+            local = labels_from_logits(logits, settings.threshold)[0]
+            to_global = torch.tensor([0] + [index[n] + 1 for n in own], device=device)
+            multi.update(to_global[local], target)
 
-    return {"one_way": one_way.compute(), "gzss": gzss.compute()}
+    return {"one_way": one_way.compute(), "gzss" if seen else "n_way": multi.compute()}
 
 
 def evaluate_model(
@@ -133,11 +145,13 @@ def evaluate_model(
     from fusioner.data import build_split
     from fusioner.engine.train import prepare_cache
 
-    run_config = Path(model_source) / "config.yaml"
-    if config_path is None and not run_config.is_file():
-        raise FusionerError(f"--config is needed: {model_source} is not a run directory with a config.yaml")
-    config = load_config(config_path or run_config, overrides)
     model = FusionerModel.from_pretrained(model_source)
+    run_config = Path(model_source) / "config.yaml"
+    if config_path is None and run_config.is_file():
+        config_path = str(run_config)  # a run directory: evaluate on what it was trained for
+    elif config_path is None:  # a bare model (e.g. from the Hub): its own input size, data from overrides
+        overrides = [f"image_size={model.image_size}", *overrides]
+    config = load_config(config_path, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     split = build_split(config)
