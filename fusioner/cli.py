@@ -90,6 +90,34 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> None:
     print(report.summary())
 
 
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> None:
+    from fusioner.sweep import load_sweep, parse_shard, run_sweep
+
+    sweep = load_sweep(args.config, _overrides(extra), out=args.out)
+    index, count = parse_shard(args.shard)
+    runs = sweep.shard(index, count)
+    print(f"sweep {sweep.dir}: shard {index}/{count} holds {len(runs)} of {len(sweep.runs)} runs")
+    result = run_sweep(sweep, shard=(index, count), on_outcome=lambda o: print(o.line(), flush=True))
+    print(result.summary())
+    if result.failed:
+        log_file = sweep.dir / "runs.jsonl"
+        raise FusionerError(f"{len(result.failed)} runs failed; see their error.txt files and {log_file}")
+
+
+def cmd_sweep_report(args: argparse.Namespace, extra: list[str]) -> None:
+    from fusioner.sweep import write_report
+
+    for path in write_report(args.dir):
+        print(path)
+
+
+def cmd_push(args: argparse.Namespace, extra: list[str]) -> None:
+    from fusioner.hub import push
+
+    result = push(args.run_dir, args.repo_id, private=args.private)
+    print(f"pushed {', '.join(result.files)} to {result.url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusioner", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -122,6 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a tiny setting that only checks the pipeline (CI)")
     p.set_defaults(fn=cmd_quickstart)
+
+    p = sub.add_parser("sweep", help="train and evaluate every run of a sweep file (lists are axes)")
+    p.add_argument("--config", required=True, help="sweep file, e.g. configs/sweeps/offline.yaml")
+    p.add_argument("--shard", help="i/n: run every n-th run starting at i (n machines share a sweep)")
+    p.add_argument("--out", help="sweep directory (default: the sweep file's out_dir)")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("sweep-report", help="results.csv, results.md and heatmap.png of a sweep directory")
+    p.add_argument("dir")
+    p.set_defaults(fn=cmd_sweep_report)
+
+    p = sub.add_parser("push", help="upload a trained run's head, config.json and a model card to the Hub")
+    p.add_argument("run_dir")
+    p.add_argument("--repo-id", required=True, help="namespace/name on the Hugging Face Hub")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.set_defaults(fn=cmd_push)
     return parser
 
 
@@ -129,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        # transformers draws a bar per checkpoint it loads; the CLI's own bars say what is going on.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         args.fn(args, extra)
     except FusionerError as e:

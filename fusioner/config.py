@@ -142,6 +142,11 @@ def _canonical(key: str, source: str) -> str:
     return name
 
 
+def override_keys(overrides: list[str]) -> set[str]:
+    """The config keys a list of ``key=value`` overrides sets (canonical spelling)."""
+    return {_canonical(item.partition("=")[0], "command line") for item in overrides}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> Config:
     """Read ``path`` (YAML), apply ``key=value`` overrides then keyword overrides, validate."""
     values: dict[str, Any] = {}

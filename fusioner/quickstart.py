@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from fusioner.config import Config, load_config  # noqa: E402
+from fusioner.config import load_config, override_keys  # noqa: E402
 from fusioner.data import Split  # noqa: E402
 from fusioner.data.pictograms import PictogramScenes, generate  # noqa: E402
 from fusioner.engine.evaluate import EvalSettings, evaluate, fixed_logits  # noqa: E402
@@ -118,7 +118,9 @@ def quickstart(out: Path, *, seed: int = 0, fast: bool = False, overrides: list[
     split = Split(train=train_set, val=val_set, seen=train_set.seen, unseen=train_set.unseen)
     timings["data"] = time.perf_counter() - start
 
+    overrides = overrides or []
     base = {**COMMON, **SETTINGS[mode], "data_path": str(data_dir), "seed": seed, "cache_dir": str(out / "cache")}
+    base = {k: v for k, v in base.items() if k not in override_keys(overrides)}  # the user's word wins
     config = load_config(None, overrides, **base, out_dir=str(out / "runs" / "fusioner"))
     baseline_config = load_config(None, overrides, **base, out_dir=str(out / "runs" / "shuffled"), shuffle_names=True)
 
