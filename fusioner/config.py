@@ -77,7 +77,9 @@ class Config:
     def __post_init__(self) -> None:
         presets = {"base": (512, 12, 8), "small": (256, 4, 8), "tiny": (64, 1, 2)}
         if self.preset not in presets:
-            raise ConfigError(f"config key 'preset': unknown preset {self.preset!r}; known: {', '.join(presets)}")
+            raise ConfigError(
+                f"config key 'preset': unknown preset {self.preset!r}; known: {', '.join(presets)}"
+            )
         dim, depth, heads = presets[self.preset]
         self.dim = self.dim or dim
         self.depth = self.depth or depth
@@ -92,7 +94,9 @@ class Config:
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ConfigError(f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+                raise ConfigError(
+                    f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

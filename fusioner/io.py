@@ -31,3 +31,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_png(path: str | Path, image: Any) -> Path:
+    """Save a PIL image as PNG atomically."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

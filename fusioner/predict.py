@@ -11,7 +11,7 @@ from PIL import Image
 from fusioner.data.base import read_image
 from fusioner.engine.evaluate import fixed_logits
 from fusioner.errors import FusionerError
-from fusioner.io import atomic_write, atomic_write_text
+from fusioner.io import atomic_save_png, atomic_write_text
 from fusioner.model import FusionerModel, labels_from_logits
 from fusioner.visualize import overlay, to_uint8
 
@@ -28,7 +28,9 @@ def predict_images(model_source: str, images: list[str], names: list[str], out: 
     if not names:
         raise FusionerError("--classes is empty: give at least one class name")
     if len(set(names)) != len(names):
-        raise FusionerError(f"--classes has duplicate names: {sorted({n for n in names if names.count(n) > 1})}")
+        raise FusionerError(
+            f"--classes has duplicate names: {sorted({n for n in names if names.count(n) > 1})}"
+        )
     if len(names) > MAX_NAMES:
         raise FusionerError(f"--classes has {len(names)} names; label maps hold at most {MAX_NAMES}")
     model = FusionerModel.from_pretrained(model_source)
@@ -42,8 +44,8 @@ def predict_images(model_source: str, images: list[str], names: list[str], out: 
         labels = labels_from_logits(fixed_logits(model, image, text, model.image_size), model.threshold)[0]
         labels = labels.byte().cpu().numpy()
         stem = Path(path).stem
-        label_png = atomic_write(out / f"{stem}_labels.png", lambda t: Image.fromarray(labels).save(t, format="PNG"))
+        label_png = atomic_save_png(out / f"{stem}_labels.png", Image.fromarray(labels))
         picture = overlay(to_uint8(image), labels.astype(np.int64), names)
-        overlay_png = atomic_write(out / f"{stem}_overlay.png", lambda t: picture.save(t, format="PNG"))
+        overlay_png = atomic_save_png(out / f"{stem}_overlay.png", picture)
         written += [overlay_png, label_png]
     return written

@@ -31,7 +31,7 @@ from fusioner.data import Split  # noqa: E402
 from fusioner.data.pictograms import PictogramScenes, generate  # noqa: E402
 from fusioner.engine.evaluate import EvalSettings, evaluate, fixed_logits  # noqa: E402
 from fusioner.engine.train import prepare_cache, train  # noqa: E402
-from fusioner.io import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from fusioner.io import atomic_save_png, atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from fusioner.model import FusionerModel, labels_from_logits  # noqa: E402
 from fusioner.visualize import overlay, to_uint8  # noqa: E402
 
@@ -84,8 +84,8 @@ class Report:
         f, b = self.fusioner, self.baseline
         return "\n".join(
             [
-                f"fusioner quickstart ({self.data['seen_names']} seen / {self.data['unseen_names']} unseen names, "
-                f"{self.timings_s['total']:.0f} s)",
+                f"fusioner quickstart ({self.data['seen_names']} seen / {self.data['unseen_names']} "
+                f"unseen names, {self.timings_s['total']:.0f} s)",
                 f"  1-way mIoU on unseen names: {f['one_way_unseen_miou']:.3f}   "
                 f"(shuffled-names baseline {b['one_way_unseen_miou']:.3f})",
                 f"  FB-IoU: {f['one_way_unseen_fbiou']:.3f}   generalized: seen {f['gzss_seen_miou']:.3f} / "
@@ -119,10 +119,18 @@ def quickstart(out: Path, *, seed: int = 0, fast: bool = False, overrides: list[
     timings["data"] = time.perf_counter() - start
 
     overrides = overrides or []
-    base = {**COMMON, **SETTINGS[mode], "data_path": str(data_dir), "seed": seed, "cache_dir": str(out / "cache")}
+    base = {
+        **COMMON,
+        **SETTINGS[mode],
+        "data_path": str(data_dir),
+        "seed": seed,
+        "cache_dir": str(out / "cache"),
+    }
     base = {k: v for k, v in base.items() if k not in override_keys(overrides)}  # the user's word wins
     config = load_config(None, overrides, **base, out_dir=str(out / "runs" / "fusioner"))
-    baseline_config = load_config(None, overrides, **base, out_dir=str(out / "runs" / "shuffled"), shuffle_names=True)
+    baseline_config = load_config(
+        None, overrides, **base, out_dir=str(out / "runs" / "shuffled"), shuffle_names=True
+    )
 
     results = {}
     losses = {}
@@ -135,7 +143,9 @@ def quickstart(out: Path, *, seed: int = 0, fast: bool = False, overrides: list[
         model = result.model.eval()
         cache = prepare_cache(cfg, model.vision, val_set, torch.device("cpu"))
         settings = EvalSettings(cfg.image_size, "fixed", cfg.threshold)
-        metrics = evaluate(model, val_set, seen=split.seen, unseen=split.unseen, settings=settings, cache=cache)
+        metrics = evaluate(
+            model, val_set, seen=split.seen, unseen=split.unseen, settings=settings, cache=cache
+        )
         atomic_write_json(Path(cfg.out_dir) / "metrics.json", metrics)
         timings[f"eval_{name}"] = time.perf_counter() - t0
         results[name] = (_figures(metrics), model)
@@ -207,8 +217,8 @@ def _prediction_grid(model: FusionerModel, dataset, split: Split, path: Path, ro
     heights = [max(p.height for p in row) for row in tiles]
     grid = Image.new("RGB", (width, sum(heights) + 20), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for x, title in zip((4, 4 + tiles[0][0].width, 4 + 2 * tiles[0][0].width), ("scene", "truth", "prediction")):
-        draw.text((x, 4), title, fill=(0, 0, 0))
+    for j, title in enumerate(("scene", "truth", "prediction")):
+        draw.text((4 + j * tiles[0][0].width, 4), title, fill=(0, 0, 0))
     y = 20
     for row, h in zip(tiles, heights, strict=True):
         x = 0
@@ -216,7 +226,7 @@ def _prediction_grid(model: FusionerModel, dataset, split: Split, path: Path, ro
             grid.paste(panel, (x, y))
             x += panel.width + 4
         y += h
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    atomic_save_png(path, grid)
     return path
 
 
@@ -226,9 +236,9 @@ def _markdown(report: Report) -> str:
     t = report.timings_s
     return f"""# fusioner quickstart
 
-Frozen `{report.config['vision']}` (ImageNet) + frozen `{report.config['text']}` (sentence BERT); only the
-fusion head trained, on {report.data['train_scenes']} pictogram scenes naming {report.data['seen_names']}
-seen classes. Evaluated on {report.data['val_scenes']} scenes that contain {report.data['unseen_names']}
+Frozen `{report.config["vision"]}` (ImageNet) + frozen `{report.config["text"]}` (sentence BERT); only the
+fusion head trained, on {report.data["train_scenes"]} pictogram scenes naming {report.data["seen_names"]}
+seen classes. Evaluated on {report.data["val_scenes"]} scenes that contain {report.data["unseen_names"]}
 names never seen in training. Seed {report.seed}.
 
 | figure | fusioner | baseline (shuffled names) |
@@ -241,10 +251,10 @@ names never seen in training. Seed {report.seed}.
 - The baseline is the same model, data and budget with the seen names' embeddings shuffled among
   themselves: the gap is what the language side contributes.
 
-Time (s): data {t['data']}, training {t['train_fusioner']} + {t['train_baseline']} (baseline),
-evaluation {t['eval_fusioner']} + {t['eval_baseline']}, total {t['total']}.
+Time (s): data {t["data"]}, training {t["train_fusioner"]} + {t["train_baseline"]} (baseline),
+evaluation {t["eval_fusioner"]} + {t["eval_baseline"]}, total {t["total"]}.
 
-![loss curve]({report.files['loss_curve']})
+![loss curve]({report.files["loss_curve"]})
 
-![unseen-name predictions]({report.files['predictions']})
+![unseen-name predictions]({report.files["predictions"]})
 """

@@ -13,7 +13,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 VOC = SHARED / "data" / "voc2012-samples" / "VOC2012"
 VOC_NAMES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor",
+    "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train",
+    "tv monitor",
 ]  # fmt: skip
 
 

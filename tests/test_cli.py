@@ -24,7 +24,21 @@ def run_dir(voc_folder, tmp_path_factory):
 
 def test_predict_writes_overlay_label_map_and_legend(run_dir, tmp_path, voc_folder):
     image = sorted((voc_folder / "images").glob("*.jpg"))[0]
-    assert main(["predict", str(image), "--model", str(run_dir), "--classes", "cat, dog,grass", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(image),
+                "--model",
+                str(run_dir),
+                "--classes",
+                "cat, dog,grass",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     labels = np.asarray(Image.open(tmp_path / f"{image.stem}_labels.png"))
     with Image.open(image) as original:
         assert labels.shape == (original.height, original.width)
@@ -40,7 +54,10 @@ def test_predict_writes_overlay_label_map_and_legend(run_dir, tmp_path, voc_fold
         (["train", "--config", "nope.yaml"], "config file nope.yaml does not exist"),
         (["predict", "x.jpg", "--model", "RUN", "--classes", " , ", "--out", "o"], "--classes is empty"),
         (["predict", "x.jpg", "--model", "RUN", "--classes", "a,a", "--out", "o"], "duplicate names"),
-        (["predict", "missing.jpg", "--model", "RUN", "--classes", "cat", "--out", "OUT"], "missing.jpg does not exist"),
+        (
+            ["predict", "missing.jpg", "--model", "RUN", "--classes", "cat", "--out", "OUT"],
+            "missing.jpg does not exist",
+        ),
         (["eval", "--model", "RUN", "--bogus", "1"], "unknown config key 'bogus'"),
         (["eval", "--model", "not a model"], "neither a local folder nor a Hub repo id"),
     ],

@@ -83,7 +83,9 @@ def test_cached_and_uncached_training_give_the_same_losses(voc_folder, tmp_path)
     kw = dict(max_steps=5, hflip=False)
     cached = train(_config(voc_folder, tmp_path, "cached", use_cache=True, **kw))
     uncached = train(_config(voc_folder, tmp_path, "uncached", use_cache=False, **kw))
-    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(uncached.losses), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(cached.losses), torch.tensor(uncached.losses), rtol=1e-3, atol=1e-4
+    )
 
 
 def test_cache_keys_follow_backbone_and_preprocessing(voc_folder, tmp_path):

@@ -15,7 +15,12 @@ from mosaic4.cli import main as mosaic4_main
 def test_eval_on_a_generated_mosaic4_set(voc_folder, tmp_path):
     tree = voc_tree(tmp_path / "fss") if VOC.is_dir() else synthetic_tree(tmp_path / "fss")
     out = tmp_path / "mosaic4"
-    assert mosaic4_main(["generate", "--fss-root", str(tree), "--out", str(out), "--num", "6", "--tile-size", "64"]) == 0
+    assert (
+        mosaic4_main(
+            ["generate", "--fss-root", str(tree), "--out", str(out), "--num", "6", "--tile-size", "64"]
+        )
+        == 0
+    )
 
     config = load_config(
         None,

@@ -16,8 +16,23 @@ def test_fast_quickstart_writes_a_complete_report(tmp_path, capsys):
     assert "1-way mIoU on unseen names" in printed and str(tmp_path / "report.md") in printed
 
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report) >= {"seed", "data", "fusioner", "baseline", "baseline_unseen_miou", "timings_s", "config", "files"}
-    figures = {"one_way_unseen_miou", "one_way_unseen_fbiou", "gzss_seen_miou", "gzss_unseen_miou", "gzss_hiou"}
+    assert set(report) >= {
+        "seed",
+        "data",
+        "fusioner",
+        "baseline",
+        "baseline_unseen_miou",
+        "timings_s",
+        "config",
+        "files",
+    }
+    figures = {
+        "one_way_unseen_miou",
+        "one_way_unseen_fbiou",
+        "gzss_seen_miou",
+        "gzss_unseen_miou",
+        "gzss_hiou",
+    }
     for side in ("fusioner", "baseline"):
         assert set(report[side]) == figures
         for value in report[side].values():

@@ -69,13 +69,19 @@ class VisionAdapter(FrozenModule):
         self.name = name
         self.embed_dim = embed_dim
         self.patch_size = patch_size
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     @property
     def preprocessing(self) -> dict[str, object]:
         """Everything that changes the tokens besides the weights (part of cache keys)."""
-        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(), "patch": self.patch_size}
+        return {
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+            "patch": self.patch_size,
+        }
 
     @abstractmethod
     def encode(self, x: Tensor) -> VisionOutput:

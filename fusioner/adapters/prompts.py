@@ -29,5 +29,7 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     templates = tuple(templates)
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise ConfigError(f"prompt templates must be a non-empty list of strings containing '{{}}', got {bad or templates}")
+        raise ConfigError(
+            f"prompt templates must be a non-empty list of strings containing '{{}}', got {bad or templates}"
+        )
     return templates

@@ -49,9 +49,7 @@ class Registry:
         prefix, sep, model_id = name.partition(":")
         entry = self._entries.get(prefix) if sep else self._entries.get(name)
         if entry is None or entry.family != bool(sep) or (sep and not model_id):
-            raise UnknownNameError(
-                f"unknown {self.kind} backbone {name!r}; known: {', '.join(self.names())}"
-            )
+            raise UnknownNameError(f"unknown {self.kind} backbone {name!r}; known: {', '.join(self.names())}")
         if entry.family:
             return entry.build(model_id, weights=weights, **kwargs)
         return entry.build(weights=weights, **kwargs)

@@ -136,7 +136,9 @@ def default_timm_source(name: str, arch: str) -> str:
     )
 
 
-def load_timm_source(name: str, arch: str, weights: str | None) -> tuple[dict[str, Tensor] | None, Path | None]:
+def load_timm_source(
+    name: str, arch: str, weights: str | None
+) -> tuple[dict[str, Tensor] | None, Path | None]:
     """The state dict ``weights`` (or timm's default for ``arch``) points at, and its local path."""
     if weights == W.RANDOM:
         return None, None

@@ -67,7 +67,7 @@ def read_mask(path) -> Tensor:
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
-                raise DataError(f"mask {path} has mode {im.mode}; expected a single-channel (L or palette) PNG")
+                raise DataError(f"mask {path} has mode {im.mode}; expected a single-channel (L or P) PNG")
             array = np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"mask file {path} does not exist") from None

@@ -139,7 +139,9 @@ class FeatureCache:
             raise KeyError(f"{item_id!r} is not in the feature cache {self.dir}")
         handle = self._handle(entry["shard"])
         return CachedItem(
-            handle.get_tensor(f"{item_id}/tokens"), handle.get_tensor(f"{item_id}/mask"), tuple(entry["names"])
+            handle.get_tensor(f"{item_id}/tokens"),
+            handle.get_tensor(f"{item_id}/mask"),
+            tuple(entry["names"]),
         )
 
     def verify(self) -> list[Path]:

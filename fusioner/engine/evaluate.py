@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from fusioner.data.base import IGNORE, SegDataset
 from fusioner.engine.cache import FeatureCache
 from fusioner.engine.metrics import GZSSMeter, OneWayMeter
-from fusioner.errors import FusionerError
 from fusioner.io import atomic_write_json
 from fusioner.model import FusionerModel, labels_from_logits
 
@@ -43,7 +42,9 @@ def fixed_logits(
     if cached is not None:
         tokens, grid = cached.flatten(0, 1)[None].float(), (cached.shape[0], cached.shape[1])
     else:
-        small = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        small = F.interpolate(
+            image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         tokens, grid = _tokens(model, small)
     tokens = tokens.to(text.device).expand(text.shape[0], -1, -1)
     logits = model.head(tokens, grid, text)  # at the decoder's resolution: resized once, below
@@ -102,7 +103,11 @@ def evaluate(
         image = sample["image"].to(device)
         if settings.mode == "sliding":
             return sliding_logits(model, image, text, settings.image_size)
-        cached = cache.read(sample["id"]).tokens.to(device) if cache is not None and sample["id"] in cache else None
+        cached = (
+            cache.read(sample["id"]).tokens.to(device)
+            if cache is not None and sample["id"] in cache
+            else None
+        )
         return fixed_logits(model, image, text, settings.image_size, cached)
 
     for i in tqdm(range(len(dataset)), desc="evaluating", unit="img", disable=not progress):
@@ -117,7 +122,9 @@ def evaluate(
                 lut[label] = index[name] + 1
         target = lut[mask.clamp(0, 255)]
 
-        present = [n for n in dict.fromkeys(sample["names"]) if n in queried and (target == index[n] + 1).any()]
+        present = [
+            n for n in dict.fromkeys(sample["names"]) if n in queried and (target == index[n] + 1).any()
+        ]
         if present:
             text = text_all[[index[n] for n in present]][:, None]  # p 1 ct: each name queried alone
             probs = logits_for(sample, text)[:, 0].float().sigmoid()
@@ -162,7 +169,11 @@ def evaluate_model(
     metrics = evaluate(model, split.val, seen=split.seen, unseen=split.unseen, settings=settings, cache=cache)
     metrics["model"] = str(model_source)
     metrics["config"] = config.to_dict()
-    target = Path(out) if out else (Path(model_source) if Path(model_source).is_dir() else Path(".")) / "metrics.json"
+    target = (
+        Path(out)
+        if out
+        else (Path(model_source) if Path(model_source).is_dir() else Path(".")) / "metrics.json"
+    )
     if target.suffix != ".json":
         target = target / "metrics.json"
     atomic_write_json(target, metrics)

@@ -148,7 +148,9 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         for epoch in range(self.epochs):
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            order = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            )
             yield from (order + epoch * self.n).tolist()
 
 
@@ -195,7 +197,9 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
     if resume and ckpt is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out_dir / CHECKPOINTS)
     if not resume and latest_checkpoint(out_dir) is not None:
-        raise FusionerError(f"{out_dir} already holds checkpoints: pass --resume to continue, or another out_dir")
+        raise FusionerError(
+            f"{out_dir} already holds checkpoints: pass --resume to continue, or another out_dir"
+        )
     save_config(config, out_dir / "config.yaml")
 
     accelerator = Accelerator(
@@ -256,12 +260,18 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
         log.info("resumed from %s (step %d)", ckpt, step)
     batches = accelerator.skip_first_batches(loader, step * config.grad_accum) if step else loader
     loss_log = out_dir / "losses.jsonl"
-    kept = [ln for ln in loss_log.read_text().splitlines() if json.loads(ln)["step"] <= step] if step and loss_log.exists() else []
+    kept = (
+        [ln for ln in loss_log.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        if step and loss_log.exists()
+        else []
+    )
     loss_log.write_text("".join(ln + "\n" for ln in kept))
 
     losses: list[float] = []
     running: list[float] = []
-    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        total=total, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process
+    )
     head.train()
     with loss_log.open("a") as log_file:
         for batch in batches:
@@ -276,7 +286,9 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
                     tokens, grid = out.tokens, out.grid
                 size = tuple(batch["targets"].shape[-2:])
                 logits = head(tokens.float(), grid, vocab[batch["class_idx"].to(device)], size)
-                loss = mask_loss(logits, batch["targets"].to(device), batch["valid"].to(device), config.dice_weight)
+                loss = mask_loss(
+                    logits, batch["targets"].to(device), batch["valid"].to(device), config.dice_weight
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.clip_grad > 0:
                     accelerator.clip_grad_norm_(head.parameters(), config.clip_grad)
@@ -305,6 +317,8 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
     model.head = accelerator.unwrap_model(head)
     if accelerator.is_main_process:
         model.save_pretrained(out_dir / "model")
-        atomic_write_json(out_dir / "train_state.json", {"steps": step, "total_steps": total, "finished": step >= total})
+        atomic_write_json(
+            out_dir / "train_state.json", {"steps": step, "total_steps": total, "finished": step >= total}
+        )
     accelerator.end_training()
     return TrainResult(out_dir, step, losses, model)

@@ -182,9 +182,14 @@ class FusionerModel(nn.Module):
         """Load from a saved model folder, a run directory (``RUN/model``) or a Hub repo id."""
         folder = _resolve_model_folder(source)
         record = json.loads((folder / CONFIG_NAME).read_text())
-        vision = create_vision(record["vision"], record.get("vision_weights"), **adapter_kwargs.get("vision", {}))
+        vision = create_vision(
+            record["vision"], record.get("vision_weights"), **adapter_kwargs.get("vision", {})
+        )
         text = create_text(
-            record["text"], record.get("text_weights"), templates=record["templates"], **adapter_kwargs.get("text", {})
+            record["text"],
+            record.get("text_weights"),
+            templates=record["templates"],
+            **adapter_kwargs.get("text", {}),
         )
         head = FusionHead(HeadConfig(**record["head"]))
         state = load_file(str(folder / WEIGHTS_NAME))
