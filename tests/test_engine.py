@@ -129,3 +129,37 @@ def test_corrupted_shard_is_reported_and_rebuilt(voc_folder, tmp_path, caplog):
         assert fill_cache(reopened, vision, split.train, 64, progress=False) == len(split.train)
     assert str(shard) in caplog.text
     torch.testing.assert_close(FeatureCache(tmp_path / "c", key).read(first_id).tokens, expected)
+
+
+def test_sliding_windows_cover_the_original_resolution(voc_folder, tmp_path):
+    from fusioner.data import build_split
+    from fusioner.engine.evaluate import EvalSettings, evaluate, fixed_logits, sliding_logits
+    from fusioner.model import FusionerModel
+
+    config = _config(voc_folder, tmp_path, "unused", image_size=64)
+    model = FusionerModel.from_config(config).eval()
+    text = model.text(["cow", "sheep", "person"])[None]
+    with torch.no_grad():
+        square = torch.rand(3, 64, 64)
+        # One window exactly the image: the same logits as the fixed-size path.
+        torch.testing.assert_close(sliding_logits(model, square, text, 64), fixed_logits(model, square, text, 64))
+        wide = torch.rand(3, 100, 150)
+        logits = sliding_logits(model, wide, text, 64)
+        assert logits.shape == (1, 3, 100, 150) and torch.isfinite(logits).all()
+        # Windows overlap: a pixel's logit is the mean over the windows that cover it, so it differs
+        # from what the single top-left window alone predicts there (tokens see other context).
+        single = fixed_logits(model, wide[:, :64, :64], text, 64)
+        assert not torch.allclose(logits[..., 40:64, 40:64], single[..., 40:64, 40:64])
+
+    split = build_split(config)
+    metrics = evaluate(
+        model, split.val, seen=split.seen, unseen=split.unseen, settings=EvalSettings(64, "sliding"), progress=False
+    )
+    assert set(metrics["one_way"]["per_class"]) == {"cow", "sheep"}
+
+
+def test_gradient_accumulation_counts_optimizer_steps(voc_folder, tmp_path):
+    result = train(_config(voc_folder, tmp_path, "accum", batch_size=2, grad_accum=2, max_steps=3))
+    assert result.steps == 3 and len(result.losses) == 3
+    state = json.loads((tmp_path / "accum" / "train_state.json").read_text())
+    assert state == {"steps": 3, "total_steps": 3, "finished": True}
