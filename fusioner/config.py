@@ -36,7 +36,7 @@ class Config:
     unseen_classes: list[str] = field(default_factory=list)  # folder dataset: names held out of training
     drop_unseen_images: bool = False  # drop training images that contain held-out classes
     image_size: int = 384
-    hflip: bool = True
+    augment: list[str] = field(default_factory=lambda: ["hflip"])  # hflip | crop | jitter (data/augment.py)
     num_workers: int = 0
 
     # Fusion head (model/fusion.py, model/decoder.py).

@@ -545,3 +545,23 @@ def test_resize_and_hflip():
     assert torch.equal(flipped["mask"][0], torch.tensor([255, 255, 1, 1, 0, 0]))
     assert torch.equal(flipped["image"][:, :, 0], image[:, :, -1])
     assert torch.equal(hflip(flipped)["image"], image) and torch.equal(hflip(flipped)["mask"], mask)
+
+
+def test_augmentations_keep_image_and_mask_aligned():
+    import numpy as np
+
+    from fusioner.data.augment import AUGMENTATIONS
+
+    image = torch.zeros(3, 40, 60)
+    mask = torch.zeros(40, 60, dtype=torch.long)
+    image[:, 10:30, 5:25] = 1.0  # a white square labelled 3
+    mask[10:30, 5:25] = 3
+    for name in ("hflip", "crop"):
+        for seed in range(6):
+            out_image, out_mask = AUGMENTATIONS[name].apply(image, mask, np.random.default_rng(seed))
+            assert out_image.shape == image.shape and out_mask.shape == mask.shape
+            assert set(out_mask.unique().tolist()) <= {0, 3}  # nearest: no invented labels
+            inside = out_image[0][out_mask == 3]
+            assert inside.numel() == 0 or inside.mean() > 0.9  # the square's pixels moved with its label
+    jittered, same = AUGMENTATIONS["jitter"].apply(image, mask, np.random.default_rng(0))
+    assert torch.equal(same, mask) and 0 <= jittered.min() and jittered.max() <= 1

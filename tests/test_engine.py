@@ -80,7 +80,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(voc_folder, tmp_path, mo
 
 def test_cached_and_uncached_training_give_the_same_losses(voc_folder, tmp_path):
     # fp16 cached tokens vs fp32 tokens computed on the fly: losses agree to 1e-3 (relative).
-    kw = dict(max_steps=5, hflip=False)
+    kw = dict(max_steps=5, augment=[])
     cached = train(_config(voc_folder, tmp_path, "cached", use_cache=True, **kw))
     uncached = train(_config(voc_folder, tmp_path, "uncached", use_cache=False, **kw))
     torch.testing.assert_close(
@@ -163,3 +163,14 @@ def test_gradient_accumulation_counts_optimizer_steps(voc_folder, tmp_path):
     assert result.steps == 3 and len(result.losses) == 3
     state = json.loads((tmp_path / "accum" / "train_state.json").read_text())
     assert state == {"steps": 3, "total_steps": 3, "finished": True}
+
+
+def test_pixel_augmentations_refuse_the_cache_and_train_without_it(voc_folder, tmp_path):
+    from fusioner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\['crop', 'jitter'\] change the pixels.*use_cache=false"):
+        train(_config(voc_folder, tmp_path, "cached_crop", augment=["hflip", "crop", "jitter"], max_steps=1))
+    result = train(
+        _config(voc_folder, tmp_path, "crop", augment=["hflip", "crop", "jitter"], use_cache=False, max_steps=2)
+    )
+    assert result.steps == 2
