@@ -142,7 +142,9 @@ def test_sliding_windows_cover_the_original_resolution(voc_folder, tmp_path):
     with torch.no_grad():
         square = torch.rand(3, 64, 64)
         # One window exactly the image: the same logits as the fixed-size path.
-        torch.testing.assert_close(sliding_logits(model, square, text, 64), fixed_logits(model, square, text, 64))
+        torch.testing.assert_close(
+            sliding_logits(model, square, text, 64), fixed_logits(model, square, text, 64)
+        )
         wide = torch.rand(3, 100, 150)
         logits = sliding_logits(model, wide, text, 64)
         assert logits.shape == (1, 3, 100, 150) and torch.isfinite(logits).all()
@@ -153,7 +155,12 @@ def test_sliding_windows_cover_the_original_resolution(voc_folder, tmp_path):
 
     split = build_split(config)
     metrics = evaluate(
-        model, split.val, seen=split.seen, unseen=split.unseen, settings=EvalSettings(64, "sliding"), progress=False
+        model,
+        split.val,
+        seen=split.seen,
+        unseen=split.unseen,
+        settings=EvalSettings(64, "sliding"),
+        progress=False,
     )
     assert set(metrics["one_way"]["per_class"]) == {"cow", "sheep"}
 
@@ -171,6 +178,8 @@ def test_pixel_augmentations_refuse_the_cache_and_train_without_it(voc_folder, t
     with pytest.raises(ConfigError, match=r"\['crop', 'jitter'\] change the pixels.*use_cache=false"):
         train(_config(voc_folder, tmp_path, "cached_crop", augment=["hflip", "crop", "jitter"], max_steps=1))
     result = train(
-        _config(voc_folder, tmp_path, "crop", augment=["hflip", "crop", "jitter"], use_cache=False, max_steps=2)
+        _config(
+            voc_folder, tmp_path, "crop", augment=["hflip", "crop", "jitter"], use_cache=False, max_steps=2
+        )
     )
     assert result.steps == 2

@@ -97,7 +97,7 @@ def evaluate(
     text_all = model.text(names).to(device)  # v ct
     queried = set(unseen)
     one_way = OneWayMeter(list(unseen))
-    multi = GZSSMeter(names, set(unseen))
+    multi = GZSSMeter(names, set(unseen), ignore_index=-1)
 
     def logits_for(sample, text: Tensor) -> Tensor:
         image = sample["image"].to(device)
@@ -115,7 +115,8 @@ def evaluate(
         mask = sample["mask"].to(device)
         valid = mask != IGNORE
         # The sample's labels in the evaluated label space (0 = background; unknown names ignored).
-        lut = torch.full((256,), IGNORE, dtype=torch.long, device=device)
+        # Ignore is -1 there: with more than 254 names, name 254 would otherwise read as 255.
+        lut = torch.full((256,), -1, dtype=torch.long, device=device)
         lut[0] = 0
         for label, name in enumerate(sample["names"], start=1):
             if name in index:

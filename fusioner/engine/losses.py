@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+
+def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """``b h w`` integer labels -> ``b *size`` by nearest sampling of pixel centres."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[:, 0].to(labels.dtype)
 
 
 def mask_loss(logits: Tensor, targets: Tensor, valid: Tensor, dice_weight: float = 1.0) -> Tensor:
@@ -14,13 +22,14 @@ def mask_loss(logits: Tensor, targets: Tensor, valid: Tensor, dice_weight: float
     mask and collapses to "nothing anywhere".
     """
     logits = logits.float()
-    weight = valid.unsqueeze(1).expand_as(logits).float()
-    bce = F.binary_cross_entropy_with_logits(logits, targets.float(), weight=weight, reduction="sum")
-    bce = bce / weight.sum().clamp(min=1)
+    weight = valid[:, None].float()  # b 1 h w: broadcast over classes, never materialised per class
+    targets = targets.float() * weight
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    bce = (bce * weight).sum() / (weight.sum() * logits.shape[1]).clamp(min=1)
     if not dice_weight:
         return bce
-    probs = logits.sigmoid() * weight
-    inter = (probs * targets).flatten(2).sum(-1)
-    total = probs.flatten(2).sum(-1) + (targets * weight).flatten(2).sum(-1)
+    probs = torch.sigmoid(logits) * weight
+    inter = (probs * targets).sum((-2, -1))
+    total = probs.sum((-2, -1)) + targets.sum((-2, -1))
     dice = 1 - (2 * inter + 1) / (total + 1)  # b k
     return bce + dice_weight * dice.mean()

@@ -31,7 +31,7 @@ from fusioner.data.augment import resolve_augmentations
 from fusioner.data.base import IGNORE, SegDataset
 from fusioner.data.transforms import resize
 from fusioner.engine.cache import FeatureCache, cache_key, fill_cache
-from fusioner.engine.losses import mask_loss
+from fusioner.engine.losses import mask_loss, resize_labels
 from fusioner.errors import FusionerError
 from fusioner.io import atomic_write_json
 from fusioner.model import FusionerModel
@@ -301,8 +301,11 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
                     out = model.vision(x)
                     tokens, grid = out.tokens, out.grid
                 class_idx = batch["class_idx"].to(device)
-                targets, valid = expand_targets(batch["target"].to(device), class_idx)
-                logits = head(tokens.float(), grid, vocab[class_idx], tuple(targets.shape[-2:]))
+                # The loss is taken at the decoder's resolution (half the input size): bilinearly
+                # upsampled logits carry nothing more, and full-size masks made it most of a step.
+                logits = head(tokens.float(), grid, vocab[class_idx])
+                labels = resize_labels(batch["target"].to(device), logits.shape[-2:])
+                targets, valid = expand_targets(labels, class_idx)
                 loss = mask_loss(logits, targets, valid, config.dice_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.clip_grad > 0:
