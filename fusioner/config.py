@@ -137,7 +137,8 @@ def _coerce(key: str, value: Any) -> Any:
     raise ConfigError(f"config key {key!r}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
-def _canonical(key: str, source: str) -> str:
+def canonical_key(key: str, source: str) -> str:
+    """``data.path`` / ``--data-path`` / ``data_path`` -> ``data_path``; unknown keys are refused."""
     name = key.strip().lstrip("-").replace(".", "_").replace("-", "_")
     if name not in Config.keys():
         close = difflib.get_close_matches(name, Config.keys(), n=1)
@@ -148,7 +149,7 @@ def _canonical(key: str, source: str) -> str:
 
 def override_keys(overrides: list[str]) -> set[str]:
     """The config keys a list of ``key=value`` overrides sets (canonical spelling)."""
-    return {_canonical(item.partition("=")[0], "command line") for item in overrides}
+    return {canonical_key(item.partition("=")[0], "command line") for item in overrides}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> Config:
@@ -165,14 +166,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: expected a mapping of keys to values")
         for key, value in data.items():
-            values[_canonical(str(key), str(path))] = (value, str(path))
+            values[canonical_key(str(key), str(path))] = (value, str(path))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r}: expected key=value")
-        values[_canonical(key, "command line")] = (value, "command line")
+        values[canonical_key(key, "command line")] = (value, "command line")
     for key, value in kwargs.items():
-        values[_canonical(key, "keyword argument")] = (value, "keyword argument")
+        values[canonical_key(key, "keyword argument")] = (value, "keyword argument")
     coerced = {key: _coerce(key, value) for key, (value, _src) in values.items()}
     return Config(**coerced)
 

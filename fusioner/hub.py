@@ -54,13 +54,11 @@ def check_repo_id(repo_id: str) -> str:
 
 def registry_entry(kind: str, name: str) -> Entry | None:
     """The registry entry that would build backbone ``name`` (``kind`` vision | text), else None."""
-    from fusioner.adapters.registry import TEXT, VISION, list_text, list_vision
+    from fusioner.adapters.registry import lookup
 
-    registry = VISION if kind == "vision" else TEXT
-    (list_vision if kind == "vision" else list_text)()  # imports the modules that register the names
-    prefix, sep, model_id = name.partition(":")
-    entry = {e.name: e for e in registry.entries()}.get(prefix if sep else name)
-    if entry is None or entry.family != bool(sep) or (sep and not model_id):
+    try:
+        entry, model_id = lookup(kind, name)
+    except UnknownNameError:
         return None
     if entry.family and entry.name == "timm":  # the one family whose ids are known offline
         import timm

@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from fusioner.config import Config, _canonical, load_config
+from fusioner.config import Config, canonical_key, load_config
 from fusioner.errors import ConfigError, FusionerError
 from fusioner.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -140,7 +140,7 @@ def _axis(key: str, raw: Any, source: str) -> Axis | None:
         if isinstance(value, dict):
             value = dict(value)
             name = value.pop("name", None)
-            setting = {_canonical(str(k), source): v for k, v in value.items()}
+            setting = {canonical_key(str(k), source): v for k, v in value.items()}
             if key not in setting:
                 raise ConfigError(
                     f"{source}: a value of axis {key!r} is a mapping without the key {key!r}: {value}"
@@ -172,7 +172,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 def _key(raw: Any, source: str) -> str:
     """The config key a sweep-file key names (``folds`` -> ``fold``, ``data.path`` -> ``data_path``)."""
-    return ALIASES.get(str(raw)) or _canonical(str(raw), source)
+    return ALIASES.get(str(raw)) or canonical_key(str(raw), source)
 
 
 def expand(spec: dict[str, Any], sweep_dir: str | Path, *, source: str = "sweep") -> list[Run]:

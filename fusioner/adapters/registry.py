@@ -45,11 +45,16 @@ class Registry:
     def names(self) -> list[str]:
         return [f"{e.name}:<name>" if e.family else e.name for e in self.entries()]
 
-    def create(self, name: str, weights: str | None = None, **kwargs: Any) -> Any:
+    def lookup(self, name: str) -> tuple[Entry, str]:
+        """The entry that builds ``name`` and, for a family, the model id after the prefix."""
         prefix, sep, model_id = name.partition(":")
         entry = self._entries.get(prefix) if sep else self._entries.get(name)
         if entry is None or entry.family != bool(sep) or (sep and not model_id):
             raise UnknownNameError(f"unknown {self.kind} backbone {name!r}; known: {', '.join(self.names())}")
+        return entry, model_id
+
+    def create(self, name: str, weights: str | None = None, **kwargs: Any) -> Any:
+        entry, model_id = self.lookup(name)
         if entry.family:
             return entry.build(model_id, weights=weights, **kwargs)
         return entry.build(weights=weights, **kwargs)
@@ -64,6 +69,12 @@ register_text = TEXT.register
 def _load_families() -> None:
     # Importing the family modules runs their @register decorators.
     from fusioner.adapters import hf_text, open_clip, timm_vision, word_vectors  # noqa: F401
+
+
+def lookup(kind: str, name: str) -> tuple[Entry, str]:
+    """Check a ``vision`` or ``text`` backbone name without building it (see Registry.lookup)."""
+    _load_families()
+    return (VISION if kind == "vision" else TEXT).lookup(name)
 
 
 def list_vision() -> list[str]:
