@@ -1,9 +1,12 @@
 """Joint transformer over visual patch tokens and class-name tokens.
 
 Visual and class tokens are projected to a shared width ``d`` and concatenated into one sequence
-``[n visual ; k class]``; every block attends jointly over both groups, which is what lets a class
-token gather evidence from the patches it names (and the patches learn which names are present).
-All K class names of a query go through in one pass.
+``[n visual ; k class]`` that every block attends over, with one structural rule: a class token
+reads the patches and itself, never another class token, and patches never read class tokens.
+So a name's mask does not depend on which other names are asked with it: one pass with K names
+gives the numbers of K one-name passes at about the price of one, and a head trained with ~10
+names per image answers the same when asked 1,000 (with unrestricted joint attention the patches
+drown in class tokens as K grows, and every answer changes with the question's other names).
 """
 
 from __future__ import annotations
@@ -11,6 +14,16 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+
+def fusion_mask(n: int, k: int, device: torch.device) -> Tensor:
+    """``(n+k) (n+k)`` boolean attention mask (True = may attend) for ``[n visual ; k class]``."""
+    mask = torch.zeros(n + k, n + k, dtype=torch.bool, device=device)
+    mask[:, :n] = True  # everyone reads the patches
+    mask[:n, n:] = False  # patches do not read names
+    own = torch.arange(n, n + k, device=device)
+    mask[own, own] = True  # a name reads itself, no other name
+    return mask
 
 
 class JointFusion(nn.Module):
@@ -25,15 +38,12 @@ class JointFusion(nn.Module):
         class_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.visual_in = nn.Sequential(
-            nn.LayerNorm(vision_dim), nn.Linear(vision_dim, dim), nn.LayerNorm(dim)
-        )
+        self.visual_in = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, dim), nn.LayerNorm(dim))
         self.text_in = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
-        # One learned vector marks every class token as "a name", the only cue the blocks get
-        # to tell the two groups apart besides their content.
+        # One learned vector marks every class token as "a name".
         self.class_embed = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.class_embed, std=0.02)
-        # timm's pre-norm Block runs attention through F.scaled_dot_product_attention (flash on GPUs).
+        # timm's pre-norm Block runs attention through F.scaled_dot_product_attention.
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.visual_out = nn.Linear(dim, dim)
@@ -41,9 +51,10 @@ class JointFusion(nn.Module):
 
     def forward(self, tokens: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         """tokens: ``b n cv``; text: ``b k ct`` -> (visual ``b n d``, classes ``b k class_dim``)."""
-        n = tokens.shape[1]
+        n, k = tokens.shape[1], text.shape[1]
         x = torch.cat([self.visual_in(tokens), self.text_in(text) + self.class_embed], dim=1)
+        mask = fusion_mask(n, k, x.device)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, attn_mask=mask)
         x = self.norm(x)
         return self.visual_out(x[:, :n]), self.class_out(x[:, n:])
