@@ -63,3 +63,25 @@ def test_fusion_mask_lets_names_read_patches_and_themselves_only():
     mask = fusion_mask(3, 2, torch.device("cpu"))
     assert mask[:3, :3].all() and not mask[:3, 3:].any()  # patches: patches only
     assert mask[3:, :3].all() and mask[3, 3] and mask[4, 4] and not mask[3, 4] and not mask[4, 3]
+
+
+def test_mask_loss_ignores_void_and_balances_present_masks():
+    from fusioner.engine.losses import mask_loss
+
+    targets = torch.zeros(1, 2, 4, 4)
+    targets[0, 0, :2, :2] = 1  # class 0 present on 4 pixels, class 1 absent
+    valid = torch.ones(1, 4, 4, dtype=torch.bool)
+    perfect = torch.where(targets > 0, 20.0, -20.0)
+    assert mask_loss(perfect, targets, valid).item() < 1e-3
+    # A confident mistake on an ignored pixel costs nothing.
+    wrong_void = perfect.clone()
+    wrong_void[0, 1, 3, 3] = 20.0
+    void = valid.clone()
+    void[0, 3, 3] = False
+    assert mask_loss(wrong_void, targets, void).item() < 1e-3
+    assert mask_loss(wrong_void, targets, valid).item() > 0.5
+    # Dice counts present masks only: the absent class adds BCE, not a dice term of ~1.
+    empty = torch.full_like(perfect, -20.0)
+    no_dice = mask_loss(empty, targets, valid, dice_weight=0.0)
+    # 1 - (0 + 1) / (0 + 4 + 1) for the one present mask, nothing for the absent one.
+    assert mask_loss(empty, targets, valid).item() == pytest.approx(no_dice.item() + 0.8, abs=1e-3)

@@ -19,7 +19,9 @@ def mask_loss(logits: Tensor, targets: Tensor, valid: Tensor, dice_weight: float
 
     logits, targets: ``b k h w``; valid: ``b h w`` (False at ignore pixels). The dice term is
     class-balanced: with many names per image, plain BCE is dominated by the background of each
-    mask and collapses to "nothing anywhere".
+    mask and collapses to "nothing anywhere". Dice is averaged over the masks that are present
+    only: on an absent name's empty mask it would be ~1 for the faintest false positive, which
+    again makes "nothing anywhere" the easiest answer; BCE already covers absent names.
     """
     logits = logits.float()
     weight = valid[:, None].float()  # b 1 h w: broadcast over classes, never materialised per class
@@ -29,7 +31,8 @@ def mask_loss(logits: Tensor, targets: Tensor, valid: Tensor, dice_weight: float
     if not dice_weight:
         return bce
     probs = torch.sigmoid(logits) * weight
+    area = targets.sum((-2, -1))  # b k
     inter = (probs * targets).sum((-2, -1))
-    total = probs.sum((-2, -1)) + targets.sum((-2, -1))
-    dice = 1 - (2 * inter + 1) / (total + 1)  # b k
-    return bce + dice_weight * dice.mean()
+    dice = 1 - (2 * inter + 1) / (probs.sum((-2, -1)) + area + 1)  # b k
+    present = (area > 0).float()
+    return bce + dice_weight * (dice * present).sum() / present.sum().clamp(min=1)
