@@ -152,20 +152,25 @@ def override_keys(overrides: list[str]) -> set[str]:
     return {canonical_key(item.partition("=")[0], "command line") for item in overrides}
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping; ``what`` names it in errors ("config file", "sweep file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping of config keys to values")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> Config:
     """Read ``path`` (YAML), apply ``key=value`` overrides then keyword overrides, validate."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of keys to values")
-        for key, value in data.items():
+        for key, value in read_yaml_mapping(path, "config file").items():
             values[canonical_key(str(key), str(path))] = (value, str(path))
     for item in overrides or []:
         key, sep, value = item.partition("=")

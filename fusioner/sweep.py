@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from fusioner.config import Config, canonical_key, load_config
+from fusioner.config import Config, canonical_key, load_config, read_yaml_mapping
 from fusioner.errors import ConfigError, FusionerError
 from fusioner.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -236,14 +236,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, out: str | Pa
     from fusioner.hub import check_backbones
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {e}") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"sweep file {path}: expected a mapping of config keys to values or lists")
+    spec = read_yaml_mapping(path, "sweep file")
     for item in overrides:
         key, value = _parse_override(item)
         canonical = _key(key, "command line")

@@ -38,7 +38,9 @@ class JointFusion(nn.Module):
         class_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.visual_in = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, dim), nn.LayerNorm(dim))
+        self.visual_in = nn.Sequential(
+            nn.LayerNorm(vision_dim), nn.Linear(vision_dim, dim), nn.LayerNorm(dim)
+        )
         self.text_in = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
         # One learned vector marks every class token as "a name".
         self.class_embed = nn.Parameter(torch.zeros(dim))
