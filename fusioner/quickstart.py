@@ -38,7 +38,7 @@ from fusioner.visualize import overlay, to_uint8  # noqa: E402
 # The default setting: measured to fit 10 minutes on 2 CPU cores (see README).
 SCENES = {"full": (1500, 300), "fast": (48, 16)}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "full": {"preset": "small", "dim": 192, "depth": 3, "heads": 6, "epochs": 8, "batch_size": 16},
+    "full": {"preset": "small", "dim": 128, "depth": 2, "heads": 4, "epochs": 8, "batch_size": 16},
     "fast": {"preset": "tiny", "epochs": 1, "batch_size": 8},
 }
 COMMON = {

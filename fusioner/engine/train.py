@@ -245,6 +245,8 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
         if config.use_cache
         else ImageSource(split.train, config.image_size)
     )
+    if source.cached:
+        model.vision.to("cpu")  # its work is done: give the accelerator's memory to the head
     view = TrainView(source, split.seen, augment=config.augment, seed=config.seed)
     loader = DataLoader(
         view,
@@ -334,6 +336,7 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
     accelerator.wait_for_everyone()
     _save_checkpoint(accelerator, out_dir, step)
     model.head = accelerator.unwrap_model(head)
+    model.vision.to(device)  # the returned model is whole again, ready for evaluation
     if accelerator.is_main_process:
         model.save_pretrained(out_dir / "model")
         atomic_write_json(
