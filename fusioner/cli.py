@@ -119,7 +119,11 @@ def cmd_push(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusioner", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fusioner",
+        description="Open-vocabulary segmentation from frozen vision and language models. Commands that "
+        "read a config also take key=value (or --key value) overrides of any config key.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
