@@ -67,3 +67,21 @@ def test_user_errors_are_one_line(argv, message, run_dir, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cache_command_fills_the_feature_cache_once(voc_folder, tmp_path, capsys):
+    import json
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data_path: {voc_folder}\nunseen_classes: [cow]\nimage_size: 64\ncache_dir: {tmp_path / 'cache'}\n"
+    )
+    assert main(["cache", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "train:" in printed and "val:" in printed
+    (folder,) = (tmp_path / "cache").iterdir()  # train and val images share one key: backbone + data
+    index = json.loads((folder / "index.json").read_text())
+    assert len(index["items"]) == len(list((voc_folder / "images").iterdir()))
+    shards = sorted(p.stat().st_mtime_ns for p in folder.glob("shard-*"))
+    assert main(["cache", "--config", str(config)]) == 0
+    assert sorted(p.stat().st_mtime_ns for p in folder.glob("shard-*")) == shards
