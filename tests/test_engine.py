@@ -79,13 +79,14 @@ def test_resume_after_a_kill_ends_with_the_same_weights(voc_folder, tmp_path, mo
 
 
 def test_cached_and_uncached_training_give_the_same_losses(voc_folder, tmp_path):
-    # fp16 cached tokens vs fp32 tokens computed on the fly: losses agree to 1e-3 (relative).
+    # Cached tokens are fp16 (each rounded by up to 2^-11 relative), tokens on the fly fp32. The first
+    # loss agrees to 1e-4; over five AdamW steps the rounding compounds, so later ones agree to 0.5%.
+    # A real mismatch (tokens of another image, a flipped grid) moves the loss by far more.
     kw = dict(max_steps=5, augment=[])
-    cached = train(_config(voc_folder, tmp_path, "cached", use_cache=True, **kw))
-    uncached = train(_config(voc_folder, tmp_path, "uncached", use_cache=False, **kw))
-    torch.testing.assert_close(
-        torch.tensor(cached.losses), torch.tensor(uncached.losses), rtol=1e-3, atol=1e-4
-    )
+    cached = torch.tensor(train(_config(voc_folder, tmp_path, "cached", use_cache=True, **kw)).losses)
+    uncached = torch.tensor(train(_config(voc_folder, tmp_path, "uncached", use_cache=False, **kw)).losses)
+    torch.testing.assert_close(cached[0], uncached[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached, uncached, rtol=5e-3, atol=1e-4)
 
 
 def test_cache_keys_follow_backbone_and_preprocessing(voc_folder, tmp_path):
