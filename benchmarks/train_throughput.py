@@ -54,14 +54,11 @@ from transformers import get_cosine_schedule_with_warmup
 from fusioner.config import Config, load_config
 from fusioner.data import build_split
 from fusioner.engine import train as train_module
-from fusioner.engine.losses import mask_loss, resize_labels
 from fusioner.engine.train import (
     CachedSource,
-    EpochSampler,
     ImageSource,
-    TrainView,
-    expand_targets,
-    make_collate,
+    head_loss,
+    make_loader,
     prepare_cache,
 )
 from fusioner.model import FusionerModel
@@ -192,23 +189,8 @@ class HeadStep:
         return loss.item()
 
     def loss(self, tokens: Tensor, grid: tuple[int, int], class_idx: Tensor, target: Tensor) -> Tensor:
-        """train()'s loss: logits at the decoder's resolution against labels resized to it."""
-        logits = self.head(tokens.float(), grid, self.vocab[class_idx])
-        targets, valid = expand_targets(resize_labels(target, logits.shape[-2:]), class_idx)
-        return mask_loss(logits, targets, valid, self.config.dice_weight)
-
-
-def loader_for(source, split, config: Config) -> DataLoader:
-    """The engine's DataLoader over ``source`` (TrainView + EpochSampler + collate)."""
-    view = TrainView(source, split.seen, augment=config.augment, seed=config.seed)
-    return DataLoader(
-        view,
-        batch_size=config.batch_size,
-        sampler=EpochSampler(len(view), config.epochs, config.seed),
-        collate_fn=make_collate(config.num_negatives, len(split.seen)),
-        num_workers=config.num_workers,
-        drop_last=True,
-    )
+        """train()'s own loss."""
+        return head_loss(self.head, tokens, grid, self.vocab, class_idx, target, self.config.dice_weight)
 
 
 def loader_only(loader: DataLoader, n: int, clock: Callable[[], float]) -> list[float]:
@@ -312,8 +294,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         vocab = model.text(split.seen)  # v ct
 
     ids = [split.train.item_id(i) for i in range(n_images)]
-    cached_loader = loader_for(CachedSource(cache, ids), split, config)
-    image_loader = loader_for(ImageSource(split.train, config.image_size), split, config)
+    cached_loader = make_loader(CachedSource(cache, ids), split.seen, config)
+    image_loader = make_loader(ImageSource(split.train, config.image_size), split.seen, config)
     sample = next(iter(cached_loader))
     b, k = sample["class_idx"].shape
     gh, gw = sample["x"].shape[1:3]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -154,6 +154,38 @@ def expand_targets(target: Tensor, class_idx: Tensor) -> tuple[Tensor, Tensor]:
     return (target[:, None] == class_idx[:, :, None, None] + 1).to(torch.uint8), target >= 0
 
 
+def head_loss(
+    head: nn.Module,
+    tokens: Tensor,
+    grid: tuple[int, int],
+    vocab: Tensor,
+    class_idx: Tensor,
+    target: Tensor,
+    dice_weight: float,
+) -> Tensor:
+    """The training loss of one batch: tokens ``b n c``, queried names ``b k`` (indices into ``vocab``).
+
+    It is taken at the decoder's resolution (half the input size): bilinearly upsampled logits
+    carry nothing more, and full-size masks made the loss most of a step.
+    """
+    logits = head(tokens.float(), grid, vocab[class_idx])
+    targets, valid = expand_targets(resize_labels(target, logits.shape[-2:]), class_idx)
+    return mask_loss(logits, targets, valid, dice_weight)
+
+
+def make_loader(source, seen: list[str], config: Config) -> DataLoader:
+    """The training DataLoader over ``source``: every epoch in its own seeded order."""
+    view = TrainView(source, seen, augment=config.augment, seed=config.seed)
+    return DataLoader(
+        view,
+        batch_size=config.batch_size,
+        sampler=EpochSampler(len(view), config.epochs, config.seed),
+        collate_fn=make_collate(config.num_negatives, len(seen)),
+        num_workers=config.num_workers,
+        drop_last=True,
+    )
+
+
 class EpochSampler(Sampler[int]):
     """Virtual indices ``e * n + i`` for every epoch ``e``, each epoch in its own seeded order."""
 
@@ -247,20 +279,12 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
     )
     if source.cached:
         model.vision.to("cpu")  # its work is done: give the accelerator's memory to the head
-    view = TrainView(source, split.seen, augment=config.augment, seed=config.seed)
-    loader = DataLoader(
-        view,
-        batch_size=config.batch_size,
-        sampler=EpochSampler(len(view), config.epochs, config.seed),
-        collate_fn=make_collate(config.num_negatives, len(split.seen)),
-        num_workers=config.num_workers,
-        drop_last=True,
-    )
+    loader = make_loader(source, split.seen, config)
     total = len(loader) // config.grad_accum
     total = min(total, config.max_steps) if config.max_steps > 0 else total
     if total == 0:
         raise FusionerError(
-            f"no training step fits: {len(view)} images x {config.epochs} epochs with batch_size="
+            f"no training step fits: {len(source)} images x {config.epochs} epochs with batch_size="
             f"{config.batch_size} and grad_accum={config.grad_accum}"
         )
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -304,12 +328,9 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
                     out = model.vision(x)
                     tokens, grid = out.tokens, out.grid
                 class_idx = batch["class_idx"].to(device)
-                # The loss is taken at the decoder's resolution (half the input size): bilinearly
-                # upsampled logits carry nothing more, and full-size masks made it most of a step.
-                logits = head(tokens.float(), grid, vocab[class_idx])
-                labels = resize_labels(batch["target"].to(device), logits.shape[-2:])
-                targets, valid = expand_targets(labels, class_idx)
-                loss = mask_loss(logits, targets, valid, config.dice_weight)
+                loss = head_loss(
+                    head, tokens, grid, vocab, class_idx, batch["target"].to(device), config.dice_weight
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.clip_grad > 0:
                     accelerator.clip_grad_norm_(head.parameters(), config.clip_grad)
