@@ -36,3 +36,16 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 def atomic_save_png(path: str | Path, image: Any) -> Path:
     """Save a PIL image as PNG atomically."""
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file; ``what`` names it in the DataError raised when it is missing or broken."""
+    from fusioner.errors import DataError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read {what} {path}: {e}") from None

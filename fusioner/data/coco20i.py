@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 from functools import cached_property
 from pathlib import Path
@@ -43,7 +42,7 @@ from fusioner.data.splits import (
     training_subset,
 )
 from fusioner.errors import ConfigError, DataError
-from fusioner.io import atomic_write
+from fusioner.io import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +56,8 @@ class COCOIndex:
         try:
             from pycocotools.coco import COCO
         except ImportError:
-            raise DataError("COCO annotations need pycocotools: pip install 'fusioner[coco]'") from None
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DataError(f"COCO annotation file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"cannot read COCO annotation file {path}: {e}") from None
+            raise DataError("COCO annotations need pycocotools: pip install pycocotools") from None
+        data = read_json(path, "COCO annotation file")
         if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
             raise DataError(f"{path} is not a COCO instances file (needs images, annotations, categories)")
         names = tuple(c["name"] for c in sorted(data["categories"], key=lambda c: c["id"]))

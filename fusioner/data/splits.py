@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from abc import abstractmethod
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from fusioner.data.base import IGNORE, Sample, SegDataset, read_image, read_mask
 from fusioner.errors import ConfigError, DataError
+from fusioner.io import read_json
 
 NUM_FOLDS = 4
 
@@ -143,12 +143,7 @@ def read_coco_lists(path: str | Path) -> list[tuple[str, int]]:
     relative to the COCO root. Pairs come in key order, then file order.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"list file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read list file {path}: {e}") from None
+    data = read_json(path, "list file")
     if not isinstance(data, dict):
         raise DataError(f"list file {path}: expected a JSON object mapping class index 0-79 to image paths")
     pairs: list[tuple[str, int]] = []
