@@ -60,9 +60,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def make_head(vision_dim: int, text_dim: int, preset: str = "base", decoder: str = "default") -> FusionHead:
     """A fusion head sized by a config preset (the head's size is what the library trains)."""
-    c = load_config(None, preset=preset, decoder=decoder)
-    config = HeadConfig(vision_dim, text_dim, dim=c.dim, depth=c.depth, heads=c.heads, decoder=decoder)
-    return FusionHead(config)
+    config = load_config(None, preset=preset, decoder=decoder)
+    return FusionHead(HeadConfig.from_config(config, vision_dim, text_dim))
 
 
 # -- timing -----------------------------------------------------------------------------------------

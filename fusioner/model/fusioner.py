@@ -41,6 +41,20 @@ class HeadConfig:
     decoder: str = "default"
     temperature: float = 0.07
 
+    @classmethod
+    def from_config(cls, config: Any, vision_dim: int, text_dim: int) -> HeadConfig:
+        """The head a :class:`fusioner.config.Config` asks for, between backbones of these widths."""
+        return cls(
+            vision_dim=vision_dim,
+            text_dim=text_dim,
+            dim=config.dim,
+            depth=config.depth,
+            heads=config.heads,
+            mlp_ratio=config.mlp_ratio,
+            decoder=config.decoder,
+            temperature=config.temperature,
+        )
+
 
 class FusionHead(nn.Module):
     """Patch tokens + class embeddings -> per-class mask logits, all K classes in one pass."""
@@ -122,18 +136,7 @@ class FusionerModel(nn.Module):
                 f"config key 'image_size': {config.image_size} is not a multiple of {vision.name}'s "
                 f"patch size {vision.patch_size}"
             )
-        head = FusionHead(
-            HeadConfig(
-                vision_dim=vision.embed_dim,
-                text_dim=text.embed_dim,
-                dim=config.dim,
-                depth=config.depth,
-                heads=config.heads,
-                mlp_ratio=config.mlp_ratio,
-                decoder=config.decoder,
-                temperature=config.temperature,
-            )
-        )
+        head = FusionHead(HeadConfig.from_config(config, vision.embed_dim, text.embed_dim))
         return cls(
             head,
             vision,
