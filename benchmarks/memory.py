@@ -37,7 +37,7 @@ from fusioner.adapters import create_vision
 from fusioner.config import load_config
 from fusioner.data import build_split
 from fusioner.engine import train as train_module
-from fusioner.engine.cache import FeatureCache, cache_key, fill_cache
+from fusioner.engine.cache import FeatureCache, cache_key, fill_cache, prepare_cache
 
 MB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -120,7 +120,7 @@ def child(args: argparse.Namespace) -> dict:
 
         set_seed(config.seed)
         model = FusionerModel.from_config(config).to(device)
-        cache = train_module.prepare_cache(config, model.vision, build_split(config).train, device)
+        cache = prepare_cache(config, model.vision, build_split(config).train, device)
         return {"cache_bytes": cache.size_bytes(), "cache_items": len(cache)}
 
     state: dict = {}

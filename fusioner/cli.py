@@ -48,7 +48,7 @@ def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:
     from fusioner.adapters import create_vision
     from fusioner.config import load_config
     from fusioner.data import build_split
-    from fusioner.engine.train import prepare_cache
+    from fusioner.engine.cache import prepare_cache
 
     config = load_config(args.config, _overrides(extra))
     vision = create_vision(config.vision, config.vision_weights)

@@ -46,13 +46,18 @@ class Config:
     heads: int = 0
     mlp_ratio: float = 4.0
     decoder: str = "default"  # default (halving channels) | paper (512 channels throughout)
+    fusion_attention: str = "decoupled"  # joint (the paper's, one name per sequence) | decoupled
+    score_dim: int = 0  # width where pixels meet names; 0 = the decoder's last width (dim / 8)
     temperature: float = 0.07
+    learn_temperature: bool = False
     threshold: float = 0.5
 
     # Training.
     num_negatives: int = 4  # absent seen classes sampled per image as negatives
     shuffle_names: bool = False  # ablation: permute the seen names' embeddings among themselves
+    hard_negatives: bool = False  # negatives: the absent names closest to a present one first
     dice_weight: float = 1.0
+    ce_weight: float = 0.0  # per-pixel softmax over background + queried names (engine/losses.py)
     batch_size: int = 8
     epochs: int = 10
     max_steps: int = 0  # > 0 caps the number of optimizer steps
@@ -71,7 +76,8 @@ class Config:
     use_cache: bool = True
 
     # Evaluation.
-    eval_mode: str = "fixed"  # fixed (image_size) | sliding (original resolution)
+    eval_mode: str = "fixed"  # fixed (image_size) | sliding (original resolution), fusioner/inference.py
+    eval_split: str = "val"  # val | test (datasets with a test split); GZSS calibration is chosen on val
     eval_batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -86,11 +92,20 @@ class Config:
         self.heads = self.heads or heads
         if self.dim % self.heads:
             raise ConfigError(f"config key 'dim': {self.dim} is not divisible by heads={self.heads}")
+        # The choices are the registries' own keys (imported here, not at module level: the
+        # registries' modules import this one).
+        from fusioner.data import BUILDERS
+        from fusioner.inference import MODES
+        from fusioner.model.decoder import LAYOUTS
+        from fusioner.model.fusion import FUSIONS
+
         choices = {
-            "decoder": ("default", "paper"),
+            "decoder": LAYOUTS,
+            "fusion_attention": tuple(FUSIONS),
             "precision": ("auto", "no", "bf16", "fp16"),
-            "eval_mode": ("fixed", "sliding"),
-            "dataset": ("pascal5i", "coco20i", "folder", "mosaic4", "pictograms"),
+            "eval_mode": tuple(MODES),
+            "eval_split": ("val", "test"),
+            "dataset": tuple(BUILDERS),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

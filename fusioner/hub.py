@@ -23,7 +23,8 @@ from huggingface_hub import CommitOperationAdd, EvalResult, ModelCard, ModelCard
 from fusioner.adapters.registry import Entry
 from fusioner.config import Config, load_config
 from fusioner.errors import ConfigError, FusionerError, UnknownNameError, WeightsError
-from fusioner.model.fusioner import CONFIG_NAME, WEIGHTS_NAME, HeadConfig
+from fusioner.model.head import HeadConfig
+from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
 
 CARD_NAME = "README.md"
 RANDOM = "random"  # adapters' weights="random": a backbone that cannot be rebuilt identically on load

@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 
 from fusioner.data.base import read_image
-from fusioner.engine.evaluate import fixed_logits
 from fusioner.errors import FusionerError
 from fusioner.io import atomic_save_png, atomic_write_text
-from fusioner.model import FusionerModel, labels_from_logits
+from fusioner.model import FusionerModel
 from fusioner.visualize import overlay, to_uint8
 
 MAX_NAMES = 254  # label maps are uint8 PNGs and 255 means "ignore" in every dataset
@@ -36,13 +35,11 @@ def predict_images(model_source: str, images: list[str], names: list[str], out: 
     model = FusionerModel.from_pretrained(model_source)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    text = model.text(names).to(device)[None]  # 1 k ct
     written = []
     atomic_write_text(out / "classes.txt", "\n".join(["background", *names]) + "\n")
     for path in images:
         image = read_image(path).to(device)
-        labels = labels_from_logits(fixed_logits(model, image, text, model.image_size), model.threshold)[0]
-        labels = labels.byte().cpu().numpy()
+        labels = model.predict(image, names).byte().cpu().numpy()
         stem = Path(path).stem
         label_png = atomic_save_png(out / f"{stem}_labels.png", Image.fromarray(labels))
         picture = overlay(to_uint8(image), labels.astype(np.int64), names)

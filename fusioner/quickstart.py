@@ -29,10 +29,11 @@ from PIL import Image, ImageDraw  # noqa: E402
 from fusioner.config import load_config, override_keys  # noqa: E402
 from fusioner.data import Split  # noqa: E402
 from fusioner.data.pictograms import PictogramScenes, generate  # noqa: E402
-from fusioner.engine.evaluate import EvalSettings, evaluate, fixed_logits  # noqa: E402
-from fusioner.engine.train import prepare_cache, train  # noqa: E402
+from fusioner.engine.cache import prepare_cache  # noqa: E402
+from fusioner.engine.evaluate import EvalSettings, evaluate  # noqa: E402
+from fusioner.engine.train import train  # noqa: E402
 from fusioner.io import atomic_save_png, atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-from fusioner.model import FusionerModel, labels_from_logits  # noqa: E402
+from fusioner.model import FusionerModel  # noqa: E402
 from fusioner.visualize import overlay, to_uint8  # noqa: E402
 
 # The default setting: measured to fit 10 minutes on 2 CPU cores (see README).
@@ -207,9 +208,7 @@ def _prediction_grid(model: FusionerModel, dataset, split: Split, path: Path, ro
         gt = np.zeros(sample["mask"].shape, dtype=np.int64)
         for j, name in enumerate(names, start=1):
             gt[sample["mask"].numpy() == sample["names"].index(name) + 1] = j
-        text = model.text(names)[None]
-        logits = fixed_logits(model, sample["image"], text, model.image_size)
-        pred = labels_from_logits(logits, model.threshold)[0].numpy()
+        pred = model.predict(sample["image"], names).numpy()
         image = to_uint8(sample["image"])
         panels = [Image.fromarray(image), overlay(image, gt, names), overlay(image, pred, names)]
         tiles.append(panels)

@@ -272,7 +272,7 @@ def has_metrics(run_dir: Path) -> bool:
 
 
 def is_trained(run_dir: Path) -> bool:
-    from fusioner.model.fusioner import CONFIG_NAME, WEIGHTS_NAME
+    from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
 
     try:
         finished = json.loads((run_dir / "train_state.json").read_text()).get("finished", False)

@@ -134,12 +134,13 @@ def test_corrupted_shard_is_reported_and_rebuilt(voc_folder, tmp_path, caplog):
 
 def test_sliding_windows_cover_the_original_resolution(voc_folder, tmp_path):
     from fusioner.data import build_split
-    from fusioner.engine.evaluate import EvalSettings, evaluate, fixed_logits, sliding_logits
+    from fusioner.engine.evaluate import EvalSettings, evaluate
+    from fusioner.inference import fixed_logits, sliding_logits
     from fusioner.model import FusionerModel
 
     config = _config(voc_folder, tmp_path, "unused", image_size=64)
     model = FusionerModel.from_config(config).eval()
-    text = model.text(["cow", "sheep", "person"])[None]
+    text = model.text(["cow", "sheep", "person"])
     with torch.no_grad():
         square = torch.rand(3, 64, 64)
         # One window exactly the image: the same logits as the fixed-size path.
@@ -148,7 +149,7 @@ def test_sliding_windows_cover_the_original_resolution(voc_folder, tmp_path):
         )
         wide = torch.rand(3, 100, 150)
         logits = sliding_logits(model, wide, text, 64)
-        assert logits.shape == (1, 3, 100, 150) and torch.isfinite(logits).all()
+        assert logits.shape == (3, 100, 150) and torch.isfinite(logits).all()
         # Windows overlap: a pixel's logit is the mean over the windows that cover it, so it differs
         # from what the single top-left window alone predicts there (tokens see other context).
         single = fixed_logits(model, wide[:, :64, :64], text, 64)

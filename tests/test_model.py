@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fusioner.model import FusionHead, HeadConfig, labels_from_logits
+from fusioner.inference import labels_from_logits
+from fusioner.model import FusionHead, HeadConfig
 
 
 def _head(**kw):

@@ -34,8 +34,11 @@ def get_builder(name: str) -> Callable[[Config], Split]:
 
 
 def build_split(config: Config) -> Split:
-    """The train / val datasets and seen / unseen class names ``config`` asks for."""
-    return get_builder(config.dataset)(config)
+    """The train / val (/ test) datasets and seen / unseen class names ``config`` asks for."""
+    split = get_builder(config.dataset)(config)
+    if split.name == "this dataset":
+        split.name = config.dataset
+    return split
 
 
 __all__ = [

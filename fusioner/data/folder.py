@@ -138,11 +138,21 @@ class FolderDataset(ListDataset):
 
 
 def build_folder(config: Config) -> Split:
-    """Train on ``train`` (or the seeded 80%), evaluate on ``val``; ``unseen_classes`` are held out."""
+    """Train on ``train`` (or the seeded 80%), choose on ``val``, report on ``val`` or ``test``
+    (``eval_split``); ``unseen_classes`` are held out."""
     if not config.data_path:
         raise ConfigError("config key 'data_path' is empty; set it to the dataset folder")
     train = FolderDataset(config.data_path, "train")
     seen, unseen = split_names(train.vocabulary, config.unseen_classes, train.label_source)
     if config.drop_unseen_images and unseen:
         train = drop_images_with(train, unseen)
-    return Split(train=train, val=FolderDataset(config.data_path, "val"), seen=seen, unseen=unseen)
+    # The test split is opened only when asked for: a folder without splits/test.txt is fine otherwise.
+    test = FolderDataset(config.data_path, "test") if config.eval_split == "test" else None
+    return Split(
+        train=train,
+        val=FolderDataset(config.data_path, "val"),
+        seen=seen,
+        unseen=unseen,
+        test=test,
+        name=f"folder dataset {config.data_path}",
+    )

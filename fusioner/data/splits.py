@@ -69,14 +69,29 @@ class Split:
     """
 
     train: SegDataset  # training images
-    val: SegDataset  # evaluation images
+    val: SegDataset  # evaluation images (and where GZSS calibration is chosen)
     seen: list[str]  # class names used for training
     unseen: list[str]  # held-out names (the fold's classes for PASCAL-5i / COCO-20i)
+    test: SegDataset | None = None  # the reported split, where the dataset has one apart from val
+    name: str = "this dataset"  # for messages
 
     def __post_init__(self) -> None:
         overlap = set(self.seen) & set(self.unseen)
         if overlap:
             raise ConfigError(f"classes {sorted(overlap)} are both seen and unseen")
+
+    def evaluation_set(self, eval_split: str) -> SegDataset:
+        """The dataset config key ``eval_split`` names: ``val`` or ``test``."""
+        if eval_split == "val":
+            return self.val
+        if eval_split == "test" and self.test is not None:
+            return self.test
+        if eval_split == "test":
+            raise ConfigError(
+                f"config key 'eval_split': {self.name} has no test split apart from val "
+                "(its published figures are on val); use eval_split=val"
+            )
+        raise ConfigError(f"config key 'eval_split': {eval_split!r} is not one of val, test")
 
 
 # ---------------------------------------------------------------------------------------------

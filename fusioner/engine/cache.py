@@ -213,3 +213,21 @@ def fill_cache(
         added += len(pending)
     bar.close()
     return added
+
+
+def dataset_id(config) -> str:
+    """The dataset part of a cache key: its registry name and resolved root folder."""
+    root = str(Path(config.data_path).resolve()) if config.data_path else ""
+    return f"{config.dataset}:{root}"
+
+
+def prepare_cache(config, vision: VisionAdapter, dataset: SegDataset, device: torch.device) -> FeatureCache:
+    """Open (and fill what is missing of) the feature cache for ``dataset`` at the config's size.
+
+    The cache lives in ``config.cache_dir``, or beside the run (``<out_dir>/../cache``) so that
+    the runs of one sweep share it.
+    """
+    root = Path(config.cache_dir) if config.cache_dir else Path(config.out_dir).parent / "cache"
+    cache = FeatureCache(root, cache_key(vision, config.image_size, dataset_id(config)))
+    fill_cache(cache, vision, dataset, config.image_size, device=device, batch_size=config.eval_batch_size)
+    return cache

@@ -1,73 +1,76 @@
-"""Evaluation protocols: 1-way zero-shot (HSNet) and generalized zero-shot (seen + unseen, one pass).
+"""Evaluation protocols over one dataset, with the logits of fusioner/inference.py.
 
-Images are evaluated at their own resolution: either resized to ``image_size`` and the logits
-resized back (``eval_mode: fixed``, can read the feature cache), or with overlapping
-``image_size`` windows over the original image whose logits are averaged (``sliding``).
+For every image the model scores every name of the vocabulary once. Both fusion rules score a
+name independently of the others asked with it, so one pass gives every protocol:
+
+- ``one_way`` (HSNet): each unseen name present in an image, queried alone, binary fg / bg;
+- ``one_way_seen``: the same for the seen names;
+- ``gzss`` (ZegFormer / ZegCLIP): every seen and unseen name in one pass, mIoU on seen, on unseen,
+  hIoU; ``gzss_calibrated``: the same with ``seen_bias`` subtracted from the seen names' logits
+  (calibrated stacking), the bias chosen on another split by :func:`choose_seen_bias`;
+- ``n_way`` (evaluation-only sets such as Mosaic-4, where nothing is "seen"): the sample's own
+  names in one pass (4-way on Mosaic-4).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from fusioner.data.base import IGNORE, SegDataset
 from fusioner.engine.cache import FeatureCache
 from fusioner.engine.metrics import GZSSMeter, OneWayMeter
+from fusioner.inference import image_logits, labels_from_logits
 from fusioner.io import atomic_write_json
-from fusioner.model import FusionerModel, labels_from_logits
+from fusioner.model import FusionerModel
+
+# Seen-bias candidates, in cosine units (multiplied by the head's 1/temperature): 0 to 0.4.
+BIAS_GRID = tuple(i / 100 for i in range(41))
 
 
 @dataclass
 class EvalSettings:
     image_size: int
-    mode: str = "fixed"  # fixed | sliding
+    mode: str = "fixed"  # fixed | sliding (fusioner/inference.py)
     threshold: float = 0.5
 
 
-def _tokens(model: FusionerModel, image: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    out = model.vision(image)
-    return out.tokens, out.grid
+def _target(sample, index: dict[str, int], device: torch.device) -> Tensor:
+    """The sample's labels in the evaluated label space (0 = background, j + 1 = names[j], -1 = ignore).
+
+    Ignore is -1, not 255: with more than 254 names, name 254 would read as 255. Names the
+    vocabulary does not hold are ignored.
+    """
+    lut = torch.full((256,), -1, dtype=torch.long, device=device)
+    lut[0] = 0
+    for label, name in enumerate(sample["names"], start=1):
+        if name in index:
+            lut[label] = index[name] + 1
+    return lut[sample["mask"].to(device).clamp(0, 255)]
 
 
-def fixed_logits(
-    model: FusionerModel, image: Tensor, text: Tensor, size: int, cached: Tensor | None = None
-) -> Tensor:
-    """image ``3 H W``, text ``q k ct`` (q queries of k names each) -> logits ``q k H W``."""
-    h, w = image.shape[-2:]
-    if cached is not None:
-        tokens, grid = cached.flatten(0, 1)[None].float(), (cached.shape[0], cached.shape[1])
-    else:
-        small = F.interpolate(
-            image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+class _Scorer:
+    """Logits of one sample over a vocabulary, from cached tokens when the cache holds them."""
+
+    def __init__(self, model, names: list[str], settings: EvalSettings, cache: FeatureCache | None) -> None:
+        self.model, self.settings, self.cache = model, settings, cache
+        self.device = next(model.head.parameters()).device
+        self.text = model.text(names).to(self.device)  # v ct
+
+    def __call__(self, sample, rows: list[int] | None = None) -> Tensor:
+        tokens = None
+        if self.cache is not None and self.settings.mode == "fixed" and sample["id"] in self.cache:
+            tokens = self.cache.read(sample["id"]).tokens.to(self.device)
+        text = self.text if rows is None else self.text[rows]
+        image = sample["image"].to(self.device)
+        return image_logits(
+            self.model, image, text, size=self.settings.image_size, mode=self.settings.mode, tokens=tokens
         )
-        tokens, grid = _tokens(model, small)
-    tokens = tokens.to(text.device).expand(text.shape[0], -1, -1)
-    logits = model.head(tokens, grid, text)  # at the decoder's resolution: resized once, below
-    return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-
-
-def sliding_logits(model: FusionerModel, image: Tensor, text: Tensor, size: int) -> Tensor:
-    """Average the logits of ``size x size`` windows (stride 2/3 size) over the original image."""
-    h, w = image.shape[-2:]
-    ph, pw = max(h, size), max(w, size)
-    padded = F.pad(image, (0, pw - w, 0, ph - h))
-    stride = max(1, size * 2 // 3)
-    ys = sorted({min(y, ph - size) for y in range(0, ph - size + stride, stride)})
-    xs = sorted({min(x, pw - size) for x in range(0, pw - size + stride, stride)})
-    total = torch.zeros(text.shape[0], text.shape[1], ph, pw, device=text.device)
-    count = torch.zeros(1, 1, ph, pw, device=text.device)
-    for y in ys:
-        for x in xs:
-            tokens, grid = _tokens(model, padded[None, :, y : y + size, x : x + size])
-            logits = model.head(tokens.expand(text.shape[0], -1, -1), grid, text, (size, size))
-            total[..., y : y + size, x : x + size] += logits.float()
-            count[..., y : y + size, x : x + size] += 1
-    return (total / count)[..., :h, :w]
 
 
 @torch.no_grad()
@@ -79,79 +82,110 @@ def evaluate(
     unseen: list[str],
     settings: EvalSettings,
     cache: FeatureCache | None = None,
+    seen_bias: float | None = None,
     progress: bool = True,
 ) -> dict:
-    """1-way on every unseen name present in an image (queried alone), plus one multi-class protocol.
+    """Every protocol of the module docstring on ``dataset``; ``seen_bias`` adds ``gzss_calibrated``.
 
-    - ``gzss`` (when there are seen names): every seen and unseen name in one pass, mIoU on seen,
-      on unseen, and hIoU;
-    - ``n_way`` (evaluation-only sets such as Mosaic-4, where nothing is "seen"): the sample's own
-      names in one pass (4-way on Mosaic-4), IoU per name over the whole set.
-
-    Returns ``{"one_way": {miou, fbiou, per_class}, "gzss" | "n_way": {...}}``.
+    Returns ``{"one_way", "one_way_seen", "gzss" [, "gzss_calibrated"]}`` with seen names, else
+    ``{"one_way", "n_way"}``.
     """
     model.eval()
-    device = next(model.head.parameters()).device
     names = list(seen) + list(unseen)
     index = {name: j for j, name in enumerate(names)}
-    text_all = model.text(names).to(device)  # v ct
-    queried = set(unseen)
-    one_way = OneWayMeter(list(unseen))
+    score = _Scorer(model, names, settings, cache)
+    device = score.device
+    is_seen = torch.tensor([n in set(seen) for n in names], device=device)
+    one_way, one_way_seen = OneWayMeter(list(unseen)), OneWayMeter(list(seen))
     multi = GZSSMeter(names, set(unseen), ignore_index=-1)
-
-    def logits_for(sample, text: Tensor) -> Tensor:
-        image = sample["image"].to(device)
-        if settings.mode == "sliding":
-            return sliding_logits(model, image, text, settings.image_size)
-        cached = (
-            cache.read(sample["id"]).tokens.to(device)
-            if cache is not None and sample["id"] in cache
-            else None
-        )
-        return fixed_logits(model, image, text, settings.image_size, cached)
+    calibrated = GZSSMeter(names, set(unseen), ignore_index=-1) if seen_bias is not None else None
 
     for i in tqdm(range(len(dataset)), desc="evaluating", unit="img", disable=not progress):
         sample = dataset[i]
-        mask = sample["mask"].to(device)
-        valid = mask != IGNORE
-        # The sample's labels in the evaluated label space (0 = background; unknown names ignored).
-        # Ignore is -1 there: with more than 254 names, name 254 would otherwise read as 255.
-        lut = torch.full((256,), -1, dtype=torch.long, device=device)
-        lut[0] = 0
-        for label, name in enumerate(sample["names"], start=1):
-            if name in index:
-                lut[label] = index[name] + 1
-        target = lut[mask.clamp(0, 255)]
-
-        present = [
-            n for n in dict.fromkeys(sample["names"]) if n in queried and (target == index[n] + 1).any()
-        ]
-        if present:
-            text = text_all[[index[n] for n in present]][:, None]  # p 1 ct: each name queried alone
-            probs = logits_for(sample, text)[:, 0].float().sigmoid()
-            for name, prob in zip(present, probs, strict=True):
-                one_way.update(name, prob >= settings.threshold, target == index[name] + 1, valid)
-
-        if seen:
-            logits = logits_for(sample, text_all[None])  # 1 v H W: every name in one pass
-            multi.update(labels_from_logits(logits, settings.threshold)[0], target)
-        else:
+        target = _target(sample, index, device)
+        valid = sample["mask"].to(device) != IGNORE  # 1-way: pixels of names outside the vocabulary count
+        if not seen:
             own = list(dict.fromkeys(n for n in sample["names"] if n in index))
-            logits = logits_for(sample, text_all[[index[n] for n in own]][None])  # 1 k H W
-            local = labels_from_logits(logits, settings.threshold)[0]
-            to_global = torch.tensor([0] + [index[n] + 1 for n in own], device=device)
-            multi.update(to_global[local], target)
+            logits = score(sample, [index[n] for n in own])  # k H W: the sample's own names
+            present = [n for n in own if (target == index[n] + 1).any()]
+            for name in present:
+                pred = logits[own.index(name)].float().sigmoid() >= settings.threshold
+                one_way.update(name, pred, target == index[name] + 1, valid)
+            local = labels_from_logits(logits[None], settings.threshold)[0]
+            multi.update(torch.tensor([0] + [index[n] + 1 for n in own], device=device)[local], target)
+            continue
+        logits = score(sample)  # v H W: every name in one pass
+        for name in dict.fromkeys(sample["names"]):
+            if name not in index or not (target == index[name] + 1).any():
+                continue
+            meter = one_way if name in one_way.class_names else one_way_seen
+            pred = logits[index[name]].float().sigmoid() >= settings.threshold
+            meter.update(name, pred, target == index[name] + 1, valid)
+        multi.update(labels_from_logits(logits[None], settings.threshold)[0], target)
+        if calibrated is not None:
+            labels = labels_from_logits(logits[None], settings.threshold, seen_bias=seen_bias, seen=is_seen)
+            calibrated.update(labels[0], target)
 
-    return {"one_way": one_way.compute(), "gzss" if seen else "n_way": multi.compute()}
+    if not seen:
+        return {"one_way": one_way.compute(), "n_way": multi.compute()}
+    metrics = {"one_way": one_way.compute(), "one_way_seen": one_way_seen.compute(), "gzss": multi.compute()}
+    if calibrated is not None:
+        metrics["gzss_calibrated"] = {**calibrated.compute(), "seen_bias": seen_bias}
+    return metrics
+
+
+@torch.no_grad()
+def choose_seen_bias(
+    model: FusionerModel,
+    dataset: SegDataset,
+    *,
+    seen: list[str],
+    unseen: list[str],
+    settings: EvalSettings,
+    cache: FeatureCache | None = None,
+    progress: bool = True,
+) -> tuple[float, dict[float, float]]:
+    """The seen bias (logit units) of :data:`BIAS_GRID` with the best GZSS hIoU on ``dataset``.
+
+    Returns ``(bias, {bias: hIoU})``. One pass: per pixel, the best seen and the best unseen logit
+    decide the label for every candidate bias, so the grid costs one scoring of the images.
+    """
+    model.eval()
+    names = list(seen) + list(unseen)
+    index = {name: j for j, name in enumerate(names)}
+    score = _Scorer(model, names, settings, cache)
+    scale = float(model.head.scale)
+    biases = [round(c * scale, 4) for c in BIAS_GRID]
+    meters = [GZSSMeter(names, set(unseen), ignore_index=-1) for _ in biases]
+    floor = math.log(settings.threshold / (1 - settings.threshold))  # the logit of the threshold
+    k = len(seen)
+    for i in tqdm(range(len(dataset)), desc="choosing seen_bias", unit="img", disable=not progress):
+        sample = dataset[i]
+        target = _target(sample, index, score.device)
+        logits = score(sample).float()
+        s_val, s_idx = logits[:k].max(0)
+        u_val, u_idx = logits[k:].max(0)
+        for bias, meter in zip(biases, meters, strict=True):
+            seen_wins = s_val - bias >= u_val  # ties go to the seen name, as argmax over [seen; unseen]
+            best = torch.where(seen_wins, s_val - bias, u_val)
+            label = torch.where(seen_wins, s_idx + 1, u_idx + k + 1)
+            meter.update(torch.where(best >= floor, label, 0), target)
+    curve = {bias: meter.compute()["hiou"] for bias, meter in zip(biases, meters, strict=True)}
+    best_bias = max(curve, key=lambda b: (-1.0 if math.isnan(curve[b]) else curve[b], -b))
+    return best_bias, curve
 
 
 def evaluate_model(
     model_source: str, config_path: str | None, overrides: list[str], *, out: str | None = None
 ) -> Path:
-    """Load a model, build the config's validation split, evaluate, write ``metrics.json``."""
+    """Load a model, build the config's evaluation split, evaluate, write ``metrics.json``.
+
+    GZSS is reported raw and calibrated; the calibration's ``seen_bias`` is chosen on ``val``. With
+    ``eval_split: val`` that is the reported split itself, which ``gzss_calibrated.chosen_on`` says.
+    """
     from fusioner.config import load_config
     from fusioner.data import build_split
-    from fusioner.engine.train import prepare_cache
+    from fusioner.engine.cache import prepare_cache
 
     model = FusionerModel.from_pretrained(model_source)
     run_config = Path(model_source) / "config.yaml"
@@ -163,11 +197,31 @@ def evaluate_model(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     split = build_split(config)
-    cache = None
-    if config.use_cache and config.eval_mode == "fixed" and config.image_size == model.image_size:
-        cache = prepare_cache(config, model.vision, split.val, device)
+    dataset = split.evaluation_set(config.eval_split)
+    use_cache = config.use_cache and config.eval_mode == "fixed" and config.image_size == model.image_size
+
+    def cache_for(ds: SegDataset) -> FeatureCache | None:
+        return prepare_cache(config, model.vision, ds, device) if use_cache else None
+
     settings = EvalSettings(config.image_size, config.eval_mode, model.threshold)
-    metrics = evaluate(model, split.val, seen=split.seen, unseen=split.unseen, settings=settings, cache=cache)
+    bias, curve = None, None
+    if split.seen and split.unseen:
+        bias, curve = choose_seen_bias(
+            model, split.val, seen=split.seen, unseen=split.unseen, settings=settings, cache=cache_for(split.val)
+        )
+    metrics = evaluate(
+        model,
+        dataset,
+        seen=split.seen,
+        unseen=split.unseen,
+        settings=settings,
+        cache=cache_for(dataset),
+        seen_bias=bias,
+    )
+    if bias is not None:
+        metrics["gzss_calibrated"]["chosen_on"] = "val"
+        metrics["gzss_calibrated"]["val_hiou_by_bias"] = {str(b): h for b, h in curve.items()}
+    metrics["eval_split"] = config.eval_split
     metrics["model"] = str(model_source)
     metrics["config"] = config.to_dict()
     target = (

@@ -36,3 +36,22 @@ def mask_loss(logits: Tensor, targets: Tensor, valid: Tensor, dice_weight: float
     dice = 1 - (2 * inter + 1) / (probs.sum((-2, -1)) + area + 1)  # b k
     present = (area > 0).float()
     return bce + dice_weight * (dice * present).sum() / present.sum().clamp(min=1)
+
+
+def rank_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """Per-pixel softmax cross-entropy over ``[background ; the k queried names]``.
+
+    logits: ``b k h w``; targets: ``b k h w`` binary (at most one name per pixel); valid: ``b h w``.
+    The per-name BCE / dice above train each mask on its own: a head trained only on them learns
+    "where is this name" but never which of two names fits a pixel better, and ranking is what
+    every multi-name query (GZSS, n-way, ``predict`` with a list) needs. Background is a constant
+    logit 0, the decision boundary of ``labels_from_logits`` at threshold 0.5, so the training
+    rule and the inference rule agree. ``valid`` must also be False on pixels of a class that was
+    not queried: they have no right answer among the candidates.
+    """
+    logits = logits.float()
+    b, _, h, w = logits.shape
+    full = torch.cat([logits.new_zeros(b, 1, h, w), logits], dim=1)  # b (1+k) h w
+    hit = targets.bool()
+    index = torch.where(hit.any(1), hit.float().argmax(1) + 1, 0)  # b h w
+    return F.cross_entropy(full, torch.where(valid, index, -100), ignore_index=-100)

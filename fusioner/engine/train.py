@@ -30,8 +30,8 @@ from fusioner.data import Split, build_split
 from fusioner.data.augment import resolve_augmentations
 from fusioner.data.base import IGNORE, SegDataset
 from fusioner.data.transforms import resize
-from fusioner.engine.cache import FeatureCache, cache_key, fill_cache
-from fusioner.engine.losses import mask_loss, resize_labels
+from fusioner.engine.cache import FeatureCache, prepare_cache
+from fusioner.engine.losses import mask_loss, rank_loss, resize_labels
 from fusioner.errors import FusionerError
 from fusioner.io import atomic_write_json
 from fusioner.model import FusionerModel
@@ -75,19 +75,6 @@ class CachedSource:
         return item.tokens, item.mask.long(), item.names
 
 
-def dataset_id(config: Config) -> str:
-    root = str(Path(config.data_path).resolve()) if config.data_path else ""
-    return f"{config.dataset}:{root}"
-
-
-def prepare_cache(config: Config, vision, dataset: SegDataset, device: torch.device) -> FeatureCache:
-    """Open (and fill what is missing of) the feature cache for ``dataset`` at the config's size."""
-    root = Path(config.cache_dir) if config.cache_dir else Path(config.out_dir).parent / "cache"
-    cache = FeatureCache(root, cache_key(vision, config.image_size, dataset_id(config)))
-    fill_cache(cache, vision, dataset, config.image_size, device=device, batch_size=config.eval_batch_size)
-    return cache
-
-
 # -- one training example --------------------------------------------------------------------------
 class TrainView(Dataset):
     """Virtual index ``v`` -> the example ``v % n`` with its randomness drawn from ``(seed, v)``.
@@ -97,8 +84,19 @@ class TrainView(Dataset):
     -1 = ignore (int32 ``h w``).
     """
 
-    def __init__(self, source, seen: list[str], *, augment: Sequence[str], seed: int) -> None:
+    def __init__(
+        self,
+        source,
+        seen: list[str],
+        *,
+        augment: Sequence[str],
+        seed: int,
+        similarity: Tensor | None = None,
+    ) -> None:
         self.source, self.seed = source, seed
+        # v v cosine similarity of the seen names' embeddings: with it, the absent names closest
+        # to a present one come first (hard negatives), instead of in random order.
+        self.similarity = similarity
         self.augmentations = resolve_augmentations(augment, cached=source.cached)
         self.vocab = {name: j for j, name in enumerate(seen)}
 
@@ -129,8 +127,11 @@ class TrainView(Dataset):
         # core, 0.1 ms this way), which was most of the cached data path.
         counts = torch.bincount(target.view(-1).clamp(min=0), minlength=len(self.vocab) + 1)
         present = counts[1 : len(self.vocab) + 1].nonzero().view(-1).tolist()
-        absent = np.setdiff1d(np.arange(len(self.vocab)), present)
-        return {"x": x, "target": target, "present": present, "absent": rng.permutation(absent).tolist()}
+        absent = rng.permutation(np.setdiff1d(np.arange(len(self.vocab)), present))
+        if self.similarity is not None and present and len(absent):
+            closeness = self.similarity[present][:, absent].max(0).values
+            absent = absent[closeness.argsort(descending=True, stable=True).numpy()]
+        return {"x": x, "target": target, "present": present, "absent": absent.tolist()}
 
 
 def make_collate(num_negatives: int, vocab_size: int):
@@ -162,20 +163,27 @@ def head_loss(
     class_idx: Tensor,
     target: Tensor,
     dice_weight: float,
+    ce_weight: float = 0.0,
 ) -> Tensor:
     """The training loss of one batch: tokens ``b n c``, queried names ``b k`` (indices into ``vocab``).
 
-    It is taken at the decoder's resolution (half the input size): bilinearly upsampled logits
-    carry nothing more, and full-size masks made the loss most of a step.
+    Per-name BCE + ``dice_weight`` x dice, plus ``ce_weight`` x the per-pixel ranking term. It is
+    taken at the decoder's resolution (half the input size): bilinearly upsampled logits carry
+    nothing more, and full-size masks made the loss most of a step.
     """
     logits = head(tokens.float(), grid, vocab[class_idx])
-    targets, valid = expand_targets(resize_labels(target, logits.shape[-2:]), class_idx)
-    return mask_loss(logits, targets, valid, dice_weight)
+    target = resize_labels(target, logits.shape[-2:])
+    targets, valid = expand_targets(target, class_idx)
+    loss = mask_loss(logits, targets, valid, dice_weight)
+    if ce_weight:
+        answered = valid & ((target == 0) | targets.any(1).bool())  # the pixel's class was queried
+        loss = loss + ce_weight * rank_loss(logits, targets, answered)
+    return loss
 
 
-def make_loader(source, seen: list[str], config: Config) -> DataLoader:
+def make_loader(source, seen: list[str], config: Config, similarity: Tensor | None = None) -> DataLoader:
     """The training DataLoader over ``source``: every epoch in its own seeded order."""
-    view = TrainView(source, seen, augment=config.augment, seed=config.seed)
+    view = TrainView(source, seen, augment=config.augment, seed=config.seed, similarity=similarity)
     return DataLoader(
         view,
         batch_size=config.batch_size,
@@ -279,7 +287,11 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
     )
     if source.cached:
         model.vision.to("cpu")  # its work is done: give the accelerator's memory to the head
-    loader = make_loader(source, split.seen, config)
+    similarity = None
+    if config.hard_negatives:
+        unit = torch.nn.functional.normalize(vocab.float(), dim=-1).cpu()
+        similarity = unit @ unit.T
+    loader = make_loader(source, split.seen, config, similarity)
     total = len(loader) // config.grad_accum
     total = min(total, config.max_steps) if config.max_steps > 0 else total
     if total == 0:
@@ -329,7 +341,14 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
                     tokens, grid = out.tokens, out.grid
                 class_idx = batch["class_idx"].to(device)
                 loss = head_loss(
-                    head, tokens, grid, vocab, class_idx, batch["target"].to(device), config.dice_weight
+                    head,
+                    tokens,
+                    grid,
+                    vocab,
+                    class_idx,
+                    batch["target"].to(device),
+                    config.dice_weight,
+                    config.ce_weight,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.clip_grad > 0:

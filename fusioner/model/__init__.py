@@ -1,3 +1,4 @@
-from fusioner.model.fusioner import FusionerModel, FusionHead, HeadConfig, labels_from_logits
+from fusioner.model.head import FusionHead, HeadConfig
+from fusioner.model.model import FusionerModel
 
-__all__ = ["FusionHead", "FusionerModel", "HeadConfig", "labels_from_logits"]
+__all__ = ["FusionHead", "FusionerModel", "HeadConfig"]

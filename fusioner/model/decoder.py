@@ -3,11 +3,13 @@
 Three stages of conv3x3 + GroupNorm + ReLU, each followed by 2x bilinear upsampling, then a 1x1
 conv to ``out_dim``: the width of the space where pixels meet class tokens for the cosine logits.
 
-``default`` halves the channels at every upsampling and keeps the last width as ``out_dim`` (the
-head maps class tokens down to it): normalising and scoring ``d``-wide pixel features at 8x the
-grid would cost more than the whole fusion transformer. ``paper`` keeps the full width at every
-stage and scores in ``d`` dimensions as the released Fusioner code did; at 128x128 that decoder
-alone costs more FLOPs than a ViT-L/14 forward, which is why it is not the default.
+``default`` halves the channels at every upsampling, never below ``score_dim``, and scores in the
+last width (the head maps class tokens to it): normalising and scoring ``d``-wide pixel features
+at 8x the grid costs more than the whole fusion transformer. ``score_dim=0`` lets the widths halve
+down to ``d/8`` (16 dims at d=128): cheap, but too few dimensions to rank tens of names against
+each other (benchmarks/QUALITY.md). ``paper`` keeps the full width at every stage and scores in
+``d`` dimensions as the released Fusioner code did; at 128x128 that decoder alone costs more FLOPs
+than a ViT-L/14 forward.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 STAGES = 3
+LAYOUTS = ("default", "paper")
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -27,11 +30,12 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class Decoder(nn.Module):
-    def __init__(self, dim: int, layout: str = "default") -> None:
+    def __init__(self, dim: int, layout: str = "default", score_dim: int = 0) -> None:
         super().__init__()
-        if layout not in ("default", "paper"):
-            raise ValueError(f"decoder layout must be 'default' or 'paper', got {layout!r}")
-        widths = [dim] + [dim if layout == "paper" else max(dim >> (i + 1), 16) for i in range(STAGES)]
+        if layout not in LAYOUTS:
+            raise ValueError(f"decoder layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        floor = min(max(score_dim, 16), dim)
+        widths = [dim] + [dim if layout == "paper" else max(dim >> (i + 1), floor) for i in range(STAGES)]
         self.stages = nn.ModuleList(
             nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), _norm(cout), nn.ReLU(inplace=True))
             for cin, cout in zip(widths[:-1], widths[1:], strict=True)

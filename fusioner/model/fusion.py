@@ -1,23 +1,30 @@
-"""Joint transformer over visual patch tokens and class-name tokens.
+"""Cross-modal transformer over visual patch tokens and class-name tokens, two attention rules.
 
-Visual and class tokens are projected to a shared width ``d`` and concatenated into one sequence
-``[n visual ; k class]`` that every block attends over, with one structural rule: a class token
-reads the patches and itself, never another class token, and patches never read class tokens.
-So a name's mask does not depend on which other names are asked with it: one pass with K names
-gives the numbers of K one-name passes at about the price of one, and a head trained with ~10
-names per image answers the same when asked 1,000 (with unrestricted joint attention the patches
-drown in class tokens as K grows, and every answer changes with the question's other names).
+Visual and class tokens are projected to a shared width ``d`` and attended over as one sequence
+of ``[n visual ; class]`` tokens. ``FUSIONS`` holds the two rules (config key ``fusion_attention``):
+
+- ``joint`` (the paper's): every token reads every token, one name per sequence, as the released
+  Fusioner code ran it. Patches are conditioned on the name, so K names are K sequences (batched
+  as ``(b k)``): the cost grows with K, and a name's mask never depends on the other names asked.
+- ``decoupled``: one sequence ``[n visual ; k class]`` where a class token reads the patches and
+  itself, never another class token, and patches never read class tokens. One pass with K names
+  gives the numbers of K one-name passes at about the price of one; the price is that the patch
+  features are not conditioned on the query text.
+
+Both return the fused patches as ``b q n d`` with ``q = k`` (joint: one patch set per name) or
+``q = 1`` (decoupled: one patch set shared by every name), and the class tokens as ``b k d``.
 """
 
 from __future__ import annotations
 
 import torch
+from einops import rearrange, repeat
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 
 def fusion_mask(n: int, k: int, device: torch.device) -> Tensor:
-    """``(n+k) (n+k)`` boolean attention mask (True = may attend) for ``[n visual ; k class]``."""
+    """``(n+k) (n+k)`` boolean attention mask (True = may attend) of the decoupled rule."""
     mask = torch.zeros(n + k, n + k, dtype=torch.bool, device=device)
     mask[:, :n] = True  # everyone reads the patches
     mask[:n, n:] = False  # patches do not read names
@@ -26,7 +33,9 @@ def fusion_mask(n: int, k: int, device: torch.device) -> Tensor:
     return mask
 
 
-class JointFusion(nn.Module):
+class _Fusion(nn.Module):
+    """Input projections, the blocks and the output projections; subclasses lay out the sequence."""
+
     def __init__(
         self,
         vision_dim: int,
@@ -51,12 +60,33 @@ class JointFusion(nn.Module):
         self.visual_out = nn.Linear(dim, dim)
         self.class_out = nn.Linear(dim, class_dim or dim)
 
-    def forward(self, tokens: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens: ``b n cv``; text: ``b k ct`` -> (visual ``b n d``, classes ``b k class_dim``)."""
-        n, k = tokens.shape[1], text.shape[1]
-        x = torch.cat([self.visual_in(tokens), self.text_in(text) + self.class_embed], dim=1)
-        mask = fusion_mask(n, k, x.device)
+    def _run(self, x: Tensor, n: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         for block in self.blocks:
             x = block(x, attn_mask=mask)
         x = self.norm(x)
         return self.visual_out(x[:, :n]), self.class_out(x[:, n:])
+
+
+class DecoupledFusion(_Fusion):
+    def forward(self, tokens: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens ``b n cv``, text ``b k ct`` -> (visual ``b 1 n d``, classes ``b k class_dim``)."""
+        n, k = tokens.shape[1], text.shape[1]
+        x = torch.cat([self.visual_in(tokens), self.text_in(text) + self.class_embed], dim=1)
+        visual, classes = self._run(x, n, fusion_mask(n, k, x.device))
+        return visual[:, None], classes
+
+
+class JointFusion(_Fusion):
+    def forward(self, tokens: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens ``b n cv``, text ``b k ct`` -> (visual ``b k n d``, classes ``b k class_dim``)."""
+        b, n, k = tokens.shape[0], tokens.shape[1], text.shape[1]
+        visual = repeat(self.visual_in(tokens), "b n d -> (b k) n d", k=k)
+        names = rearrange(self.text_in(text) + self.class_embed, "b k d -> (b k) 1 d")
+        visual, classes = self._run(torch.cat([visual, names], dim=1), n, None)
+        return (
+            rearrange(visual, "(b k) n d -> b k n d", b=b),
+            rearrange(classes, "(b k) 1 d -> b k d", b=b),
+        )
+
+
+FUSIONS: dict[str, type[_Fusion]] = {"decoupled": DecoupledFusion, "joint": JointFusion}

@@ -1,4 +1,4 @@
-"""FusionHead (the only trainable part) and FusionerModel (head + frozen adapters by name).
+"""FusionerModel: the trainable :class:`FusionHead` + the frozen adapters, recorded by name.
 
 A saved model is ``config.json`` (the head's hyper-parameters and the names, weights ids,
 preprocessing and prompt templates of the two frozen backbones) plus ``model.safetensors`` with the
@@ -9,94 +9,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from einops import einsum
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 import fusioner
 from fusioner.adapters import TextAdapter, VisionAdapter, create_text, create_vision
 from fusioner.adapters.prompts import resolve_templates
 from fusioner.errors import FusionerError
+from fusioner.inference import batch_logits, labels_from_logits
 from fusioner.io import atomic_write, atomic_write_json
-from fusioner.model.decoder import Decoder
-from fusioner.model.fusion import JointFusion
+from fusioner.model.head import FusionHead, HeadConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    vision_dim: int
-    text_dim: int
-    dim: int = 512
-    depth: int = 12
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    decoder: str = "default"
-    temperature: float = 0.07
-
-    @classmethod
-    def from_config(cls, config: Any, vision_dim: int, text_dim: int) -> HeadConfig:
-        """The head a :class:`fusioner.config.Config` asks for, between backbones of these widths."""
-        return cls(
-            vision_dim=vision_dim,
-            text_dim=text_dim,
-            dim=config.dim,
-            depth=config.depth,
-            heads=config.heads,
-            mlp_ratio=config.mlp_ratio,
-            decoder=config.decoder,
-            temperature=config.temperature,
-        )
-
-
-class FusionHead(nn.Module):
-    """Patch tokens + class embeddings -> per-class mask logits, all K classes in one pass."""
-
-    def __init__(self, config: HeadConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.decoder = Decoder(config.dim, config.decoder)
-        self.fusion = JointFusion(
-            config.vision_dim,
-            config.text_dim,
-            config.dim,
-            config.depth,
-            config.heads,
-            config.mlp_ratio,
-            class_dim=self.decoder.out_dim,
-        )
-
-    def forward(
-        self, tokens: Tensor, grid: tuple[int, int], text: Tensor, size: tuple[int, int] | None = None
-    ) -> Tensor:
-        """tokens ``b n cv``, text ``b k ct`` (or ``k ct``, shared) -> logits ``b k h w``.
-
-        ``h w`` is ``size`` when given, else the decoder's own resolution (8x the grid), for callers
-        that resize the logits themselves (resizing twice would cost more than the head).
-        """
-        if text.ndim == 2:
-            text = text.expand(tokens.shape[0], -1, -1)
-        visual, classes = self.fusion(tokens, text.to(tokens.dtype))
-        pixels = F.normalize(self.decoder(visual, grid), dim=1)
-        classes = F.normalize(classes, dim=-1)
-        logits = einsum(pixels, classes, "b d h w, b k d -> b k h w") / self.config.temperature
-        if size is None:
-            return logits
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-
-
-def labels_from_logits(logits: Tensor, threshold: float) -> Tensor:
-    """``b k h w`` logits -> ``b h w`` labels: 0 where every class is below threshold, else argmax + 1."""
-    # sigmoid is monotonic: take the max on logits and apply it to one value per pixel, not k.
-    best, index = logits.max(dim=1)
-    return torch.where(best.float().sigmoid() >= threshold, index + 1, torch.zeros_like(index))
 
 
 class FusionerModel(nn.Module):
@@ -147,15 +77,36 @@ class FusionerModel(nn.Module):
             threshold=config.threshold,
         )
 
-    def forward(self, images: Tensor, names: list[str]) -> Tensor:
-        """images ``b 3 h w`` in [0, 1], K names -> logits ``b k h w``."""
-        out = self.vision(images)
-        return self.head(out.tokens, out.grid, self.text(names), images.shape[-2:])
+    def logits(
+        self, images: Tensor | Sequence[Tensor], names: Sequence[str], *, mode: str = "fixed"
+    ) -> Tensor | list[Tensor]:
+        """Images in [0, 1] at any size and K names -> mask logits at each image's own size.
+
+        ``images``: ``b 3 h w`` -> ``b k h w``; ``3 h w`` -> ``k h w``; a list of ``3 h w`` of
+        different sizes -> a list of ``k h w``. ``mode``: ``fixed`` (resized to ``image_size``) or
+        ``sliding`` (``image_size`` windows at the image's own resolution), see fusioner/inference.py.
+        """
+        device = next(self.head.parameters()).device
+        text = self.text(list(names)).to(device)
+        if isinstance(images, Tensor) and images.ndim == 3:
+            return batch_logits(self, [images.to(device)], text, size=self.image_size, mode=mode)[0]
+        if isinstance(images, Tensor) and images.ndim != 4:
+            raise FusionerError(f"images must be 'b 3 h w' or '3 h w', got shape {tuple(images.shape)}")
+        out = batch_logits(self, [im.to(device) for im in images], text, size=self.image_size, mode=mode)
+        return torch.stack(out) if isinstance(images, Tensor) else out
+
+    forward = logits
 
     @torch.no_grad()
-    def predict(self, images: Tensor, names: list[str]) -> Tensor:
-        """images ``b 3 h w`` -> labels ``b h w``: 0 = background, i = names[i - 1]."""
-        return labels_from_logits(self(images, names), self.threshold)
+    def predict(
+        self, images: Tensor | Sequence[Tensor], names: Sequence[str], *, mode: str = "fixed"
+    ) -> Tensor | list[Tensor]:
+        """Like :meth:`logits`, but labels ``h w`` per image: 0 = background, i = names[i - 1]."""
+        logits = self.logits(images, names, mode=mode)
+        if isinstance(logits, Tensor) and logits.ndim == 3:
+            return labels_from_logits(logits[None], self.threshold)[0]
+        labels = [labels_from_logits(one[None], self.threshold)[0] for one in logits]
+        return torch.stack(labels) if isinstance(logits, Tensor) else labels
 
     # -- persistence ---------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:
