@@ -266,7 +266,6 @@ def synthetic_folder(
     return root
 
 
-
 @contextlib.contextmanager
 def workdir(prefix: str, keep: bool) -> Iterator[Path]:
     """A temporary folder for data, caches and runs (ViT-L checkpoints are large): removed at the end."""

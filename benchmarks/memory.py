@@ -201,8 +201,13 @@ def parent(args: argparse.Namespace, folder: Path) -> None:
     per_1k = fill["cache_bytes"] / fill["cache_items"] * 1000
     n_fill = fill["cache_items"]
     size_rows.append(
-        [f"{args.vision}@{args.image_size} (training)", n_fill, f"{fill['cache_bytes'] / MB:,.2f}", "",
-         f"{per_1k / 2**30:,.2f}"]  # fmt: skip
+        [
+            f"{args.vision}@{args.image_size} (training)",
+            n_fill,
+            f"{fill['cache_bytes'] / MB:,.2f}",
+            "",
+            f"{per_1k / 2**30:,.2f}",
+        ]  # fmt: skip
     )
     for spec in args.cache_configs:
         name, _, size = spec.partition("@")

@@ -186,10 +186,18 @@ def test_a_run_without_a_finished_model_is_refused(trained_run, tmp_path, damage
 @pytest.mark.parametrize(
     ("key", "value", "error", "match"),
     [
-        ("vision", "dino_vitb99", UnknownNameError,
-         "unknown vision backbone 'dino_vitb99'; known: .*dino_vitb16"),
-        ("vision", "timm:not_a_timm_model", UnknownNameError,
-         "unknown vision backbone 'timm:not_a_timm_model'"),
+        (
+            "vision",
+            "dino_vitb99",
+            UnknownNameError,
+            "unknown vision backbone 'dino_vitb99'; known: .*dino_vitb16",
+        ),
+        (
+            "vision",
+            "timm:not_a_timm_model",
+            UnknownNameError,
+            "unknown vision backbone 'timm:not_a_timm_model'",
+        ),
         ("text", "bert_huge", UnknownNameError, "config.json: unknown text backbone 'bert_huge'"),
         ("vision_weights", "random", FusionerError, "random weights .*cannot be rebuilt on load"),
     ],

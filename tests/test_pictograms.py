@@ -61,6 +61,7 @@ def _expected_mask(scene: dict, atlas: GlyphAtlas, size: int) -> np.ndarray:
 
 # --- names and split ---------------------------------------------------------------------------
 
+
 def test_pictogram_names_are_objects_with_glyphs(names):
     chars, labels = zip(*names, strict=True)
     assert len(names) > 1000
@@ -71,8 +72,19 @@ def test_pictogram_names_are_objects_with_glyphs(names):
         assert len(char) == 1 and char != "\ufe0f"
         assert not 0x2190 <= ord(char) <= 0x21FF  # arrows block
     absent = {
-        "chequered flag", "triangular flag", "keycap 10", "up arrow", "right arrow", "left-right arrow",
-        "Aries", "female sign", "OK button", "red circle", "warning", "no entry", "play button",
+        "chequered flag",
+        "triangular flag",
+        "keycap 10",
+        "up arrow",
+        "right arrow",
+        "left-right arrow",
+        "Aries",
+        "female sign",
+        "OK button",
+        "red circle",
+        "warning",
+        "no entry",
+        "play button",
     }
     assert not absent & set(labels)
     # In the emoji data but not in this OpenMoji font: dropped instead of rendering empty.
@@ -108,6 +120,7 @@ def test_split_names_is_disjoint_seeded_and_order_free(names):
 
 
 # --- generated scenes ----------------------------------------------------------------------------
+
 
 def test_masks_are_the_glyph_alpha_in_paste_order(scenes_dir):
     params = read_manifest(scenes_dir)["params"]
@@ -171,6 +184,7 @@ def test_dataset_follows_the_sample_contract(scenes_dir):
 
 # --- determinism and caching ---------------------------------------------------------------------
 
+
 def test_same_seed_gives_identical_bytes(scenes_dir, tmp_path):
     again = generate(tmp_path / "again", **SMALL)
     assert _files(again) == _files(scenes_dir)
@@ -182,7 +196,9 @@ def test_scene_i_depends_only_on_seed_split_and_index(scenes_dir, tmp_path):
     fewer = generate(tmp_path, num_train=2, num_val=1, seed=0)
     files = _files(fewer)
     assert sorted(p for p in files if p.startswith("images/")) == [
-        "images/train_00000.png", "images/train_00001.png", "images/val_00000.png"
+        "images/train_00000.png",
+        "images/train_00001.png",
+        "images/val_00000.png",
     ]
     for path in ("images/train_00001.png", "masks/train_00001.png", "images/val_00000.png"):
         assert files[path] == (scenes_dir / path).read_bytes()

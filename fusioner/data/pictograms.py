@@ -60,31 +60,63 @@ SYMBOL_RANGES: tuple[tuple[int, int], ...] = (
     (0x203C, 0x2049),  # double exclamation, exclamation question mark
     (0x2122, 0x2139),  # trade mark, information
     (0x2194, 0x21AA),  # arrows
-    (0x23CF, 0x23CF), (0x23E9, 0x23EF), (0x23F8, 0x23FA),  # eject, play, pause, record buttons
+    (0x23CF, 0x23CF),
+    (0x23E9, 0x23EF),
+    (0x23F8, 0x23FA),  # eject, play, pause, record buttons
     (0x24C2, 0x24C2),  # circled M
     (0x25AA, 0x25FE),  # geometric: squares, play / reverse buttons
     (0x2611, 0x2611),  # check box with check
     (0x2622, 0x2623),  # radioactive, biohazard
-    (0x2626, 0x2626), (0x262A, 0x262A), (0x262E, 0x262F), (0x2638, 0x2638),  # religion
+    (0x2626, 0x2626),
+    (0x262A, 0x262A),
+    (0x262E, 0x262F),
+    (0x2638, 0x2638),  # religion
     (0x2640, 0x2642),  # female, male sign
     (0x2648, 0x2653),  # zodiac
     (0x267B, 0x267F),  # recycling, infinity, wheelchair symbol
-    (0x2695, 0x2695), (0x269B, 0x269C),  # medical symbol, atom symbol, fleur-de-lis
-    (0x26A0, 0x26A0), (0x26A7, 0x26AB),  # warning, transgender symbol, white / black circle
-    (0x26CE, 0x26CE), (0x26D4, 0x26D4),  # Ophiuchus, no entry
-    (0x2705, 0x2705), (0x2714, 0x2716), (0x271D, 0x271D), (0x2721, 0x2721),  # marks, crosses
-    (0x2733, 0x2734), (0x2747, 0x2747), (0x274C, 0x2757),  # asterisks, sparkle, marks
+    (0x2695, 0x2695),
+    (0x269B, 0x269C),  # medical symbol, atom symbol, fleur-de-lis
+    (0x26A0, 0x26A0),
+    (0x26A7, 0x26AB),  # warning, transgender symbol, white / black circle
+    (0x26CE, 0x26CE),
+    (0x26D4, 0x26D4),  # Ophiuchus, no entry
+    (0x2705, 0x2705),
+    (0x2714, 0x2716),
+    (0x271D, 0x271D),
+    (0x2721, 0x2721),  # marks, crosses
+    (0x2733, 0x2734),
+    (0x2747, 0x2747),
+    (0x274C, 0x2757),  # asterisks, sparkle, marks
     (0x2795, 0x27BF),  # plus, minus, divide, right arrow, curly loops
-    (0x2934, 0x2935), (0x2B05, 0x2B1C), (0x2B55, 0x2B55),  # arrows, large squares, hollow circle
-    (0x3030, 0x303D), (0x3297, 0x3299),  # wavy dash, part alternation mark, enclosed CJK
-    (0x1F170, 0x1F19A), (0x1F201, 0x1F251),  # enclosed letters and ideographs (A, OK, SOS, ...)
-    (0x1F3A6, 0x1F3A6), (0x1F3E7, 0x1F3E7),  # cinema, ATM sign
-    (0x1F4A0, 0x1F4A0), (0x1F4B1, 0x1F4B2), (0x1F4DB, 0x1F4DB),  # diamond with dot, currency, badge
-    (0x1F4F3, 0x1F4F6), (0x1F500, 0x1F506), (0x1F518, 0x1F51F),  # av, brightness, arrows, 18+, keycap 10
-    (0x1F520, 0x1F524), (0x1F52F, 0x1F52F), (0x1F530, 0x1F531),  # input symbols, star, trident
-    (0x1F532, 0x1F53D), (0x1F549, 0x1F549), (0x1F54E, 0x1F54E),  # geometric, om, menorah
-    (0x1F6AB, 0x1F6AB), (0x1F6AD, 0x1F6B1), (0x1F6B3, 0x1F6B3), (0x1F6B7, 0x1F6BC),  # signs
-    (0x1F6BE, 0x1F6BE), (0x1F6C2, 0x1F6C5), (0x1F6D0, 0x1F6D0), (0x1F6DC, 0x1F6DC),  # signs, wireless
+    (0x2934, 0x2935),
+    (0x2B05, 0x2B1C),
+    (0x2B55, 0x2B55),  # arrows, large squares, hollow circle
+    (0x3030, 0x303D),
+    (0x3297, 0x3299),  # wavy dash, part alternation mark, enclosed CJK
+    (0x1F170, 0x1F19A),
+    (0x1F201, 0x1F251),  # enclosed letters and ideographs (A, OK, SOS, ...)
+    (0x1F3A6, 0x1F3A6),
+    (0x1F3E7, 0x1F3E7),  # cinema, ATM sign
+    (0x1F4A0, 0x1F4A0),
+    (0x1F4B1, 0x1F4B2),
+    (0x1F4DB, 0x1F4DB),  # diamond with dot, currency, badge
+    (0x1F4F3, 0x1F4F6),
+    (0x1F500, 0x1F506),
+    (0x1F518, 0x1F51F),  # av, brightness, arrows, 18+, keycap 10
+    (0x1F520, 0x1F524),
+    (0x1F52F, 0x1F52F),
+    (0x1F530, 0x1F531),  # input symbols, star, trident
+    (0x1F532, 0x1F53D),
+    (0x1F549, 0x1F549),
+    (0x1F54E, 0x1F54E),  # geometric, om, menorah
+    (0x1F6AB, 0x1F6AB),
+    (0x1F6AD, 0x1F6B1),
+    (0x1F6B3, 0x1F6B3),
+    (0x1F6B7, 0x1F6BC),  # signs
+    (0x1F6BE, 0x1F6BE),
+    (0x1F6C2, 0x1F6C5),
+    (0x1F6D0, 0x1F6D0),
+    (0x1F6DC, 0x1F6DC),  # signs, wireless
     (0x1F7E0, 0x1F7F0),  # coloured circles and squares, heavy equals sign
     (0x1FAAF, 0x1FAAF),  # khanda
 )
@@ -93,6 +125,7 @@ SINGLE_FLAGS = frozenset({0x1F38C, 0x1F3C1, 0x1F3F3, 0x1F3F4, 0x1F6A9})
 
 
 # --- the two packages ------------------------------------------------------------------------
+
 
 def _emoji_data() -> dict[str, dict[str, Any]]:
     try:
@@ -121,6 +154,7 @@ def font_path() -> Path:
 
 
 # --- glyphs ----------------------------------------------------------------------------------
+
 
 class GlyphAtlas:
     """Renders each glyph once at ``px`` pixels, cropped to its visible pixels, and resizes copies.
@@ -172,6 +206,7 @@ class GlyphAtlas:
 
 
 # --- names -----------------------------------------------------------------------------------
+
 
 def _clean_name(cldr: str) -> str:
     # ":rescue_worker’s_helmet:" -> "rescue worker's helmet": ASCII quotes tokenize like text.
@@ -229,6 +264,7 @@ def split_names(
 
 
 # --- scenes ----------------------------------------------------------------------------------
+
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """``h w 3`` uint8: a solid colour or a two-colour gradient, sometimes with light noise.
@@ -421,6 +457,7 @@ def generate(
 
 # --- reading ---------------------------------------------------------------------------------
 
+
 def read_manifest(root: str | Path) -> dict[str, Any]:
     """``names.json`` of a complete generation: ``seen``, ``unseen``, ``params``, ``glyphs``."""
     path = Path(root) / "names.json"
@@ -469,8 +506,10 @@ class PictogramScenes(SegDataset):
         mask = read_mask(self.root / "masks" / f"{scene['id']}.png")
         names = tuple(scene["names"])
         if int(mask.max()) > len(names):
-            raise DataError(f"mask of scene {scene['id']} in {self.root} has label {int(mask.max())} "
-                            f"but the scene names only {len(names)} classes")
+            raise DataError(
+                f"mask of scene {scene['id']} in {self.root} has label {int(mask.max())} "
+                f"but the scene names only {len(names)} classes"
+            )
         return {"image": image, "mask": mask, "names": names, "id": scene["id"]}
 
     def item_id(self, index: int) -> str:

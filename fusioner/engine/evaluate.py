@@ -207,7 +207,12 @@ def evaluate_model(
     bias, curve = None, None
     if split.seen and split.unseen:
         bias, curve = choose_seen_bias(
-            model, split.val, seen=split.seen, unseen=split.unseen, settings=settings, cache=cache_for(split.val)
+            model,
+            split.val,
+            seen=split.seen,
+            unseen=split.unseen,
+            settings=settings,
+            cache=cache_for(split.val),
         )
     metrics = evaluate(
         model,

@@ -8,8 +8,8 @@ head's weights alone; :meth:`FusionerModel.from_pretrained` rebuilds the adapter
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
