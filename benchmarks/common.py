@@ -33,7 +33,7 @@ from fusioner.config import load_config
 from fusioner.data.base import IGNORE
 from fusioner.data.splits import VOC_CLASSES
 from fusioner.io import atomic_write_text
-from fusioner.model.model import FusionHead, HeadConfig
+from fusioner.model import FusionHead, HeadConfig
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"

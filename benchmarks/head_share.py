@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from fusioner.adapters import VisionAdapter, create_vision
-from fusioner.model.model import FusionHead
+from fusioner.model import FusionHead
 
 
 def parse_args() -> argparse.Namespace:

@@ -55,7 +55,8 @@ def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vision.to(device)
     split = build_split(config)
-    for name, dataset in (("train", split.train), ("val", split.val)):
+    sets = {"train": split.train, "val": split.val, "test": split.test}
+    for name, dataset in ((n, d) for n, d in sets.items() if d is not None):
         cache = prepare_cache(config, vision, dataset, device)
         print(f"{name}: {len(dataset)} images cached in {cache.dir}")
 

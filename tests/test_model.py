@@ -86,3 +86,46 @@ def test_mask_loss_ignores_void_and_balances_present_masks():
     no_dice = mask_loss(empty, targets, valid, dice_weight=0.0)
     # 1 - (0 + 1) / (0 + 4 + 1) for the one present mask, nothing for the absent one.
     assert mask_loss(empty, targets, valid).item() == pytest.approx(no_dice.item() + 0.8, abs=1e-3)
+
+
+def test_rank_loss_prefers_the_right_name_over_a_close_one():
+    from fusioner.engine.losses import rank_loss
+
+    targets = torch.zeros(1, 2, 2, 2)
+    targets[0, 0, 0] = 1  # top row: name 0; bottom row: background
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    right = torch.stack([torch.tensor([[9.0, 9.0], [-9.0, -9.0]]), torch.full((2, 2), -9.0)])[None]
+    swapped = right[:, [1, 0]]
+    # Both names above threshold on the top row: BCE alone would only push name 1 down, CE ranks them.
+    tie = right.clone()
+    tie[0, 1, 0] = 9.0
+    assert rank_loss(right, targets, valid) < 1e-3
+    assert rank_loss(tie, targets, valid) > 0.3
+    assert rank_loss(swapped, targets, valid) > 5
+    # Pixels left out of valid (a class that was not queried) cost nothing.
+    valid[0, 0] = False
+    assert rank_loss(swapped, targets, valid) < 1e-3
+
+
+def test_hard_negatives_put_the_closest_absent_names_first():
+    from fusioner.engine.train import TrainView
+
+    class Source:
+        cached = True
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            mask = torch.zeros(4, 4, dtype=torch.long)
+            mask[:2] = 1  # label 1 = "a"
+            return torch.zeros(2, 2, 8), mask, ("a",)
+
+    seen = ["a", "b", "c", "d"]
+    similarity = torch.tensor(
+        [[1.0, 0.1, 0.9, 0.5], [0.1, 1.0, 0.0, 0.0], [0.9, 0.0, 1.0, 0.0], [0.5, 0.0, 0.0, 1.0]]
+    )
+    hard = TrainView(Source(), seen, augment=[], seed=0, similarity=similarity)[0]
+    assert hard["present"] == [0] and hard["absent"] == [2, 3, 1]
+    plain = TrainView(Source(), seen, augment=[], seed=0)[0]
+    assert sorted(plain["absent"]) == [1, 2, 3]

@@ -144,10 +144,10 @@ def choose_seen_bias(
     settings: EvalSettings,
     cache: FeatureCache | None = None,
     progress: bool = True,
-) -> tuple[float, dict[float, float]]:
+) -> tuple[float, dict[float, dict]]:
     """The seen bias (logit units) of :data:`BIAS_GRID` with the best GZSS hIoU on ``dataset``.
 
-    Returns ``(bias, {bias: hIoU})``. One pass: per pixel, the best seen and the best unseen logit
+    Returns ``(bias, {bias: GZSS metrics at that bias})``. One pass: per pixel, the best seen and the best unseen logit
     decide the label for every candidate bias, so the grid costs one scoring of the images.
     """
     model.eval()
@@ -170,8 +170,9 @@ def choose_seen_bias(
             best = torch.where(seen_wins, s_val - bias, u_val)
             label = torch.where(seen_wins, s_idx + 1, u_idx + k + 1)
             meter.update(torch.where(best >= floor, label, 0), target)
-    curve = {bias: meter.compute()["hiou"] for bias, meter in zip(biases, meters, strict=True)}
-    best_bias = max(curve, key=lambda b: (-1.0 if math.isnan(curve[b]) else curve[b], -b))
+    curve = {bias: meter.compute() for bias, meter in zip(biases, meters, strict=True)}
+    hiou = {b: -1.0 if math.isnan(m["hiou"]) else m["hiou"] for b, m in curve.items()}
+    best_bias = max(hiou, key=lambda b: (hiou[b], -b))  # the smallest of equally good biases
     return best_bias, curve
 
 
@@ -225,7 +226,7 @@ def evaluate_model(
     )
     if bias is not None:
         metrics["gzss_calibrated"]["chosen_on"] = "val"
-        metrics["gzss_calibrated"]["val_hiou_by_bias"] = {str(b): h for b, h in curve.items()}
+        metrics["gzss_calibrated"]["val_hiou_by_bias"] = {str(b): m["hiou"] for b, m in curve.items()}
     metrics["eval_split"] = config.eval_split
     metrics["model"] = str(model_source)
     metrics["config"] = config.to_dict()

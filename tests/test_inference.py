@@ -1,0 +1,163 @@
+"""The one inference path: any image size, both attention rules, GZSS calibration, eval splits."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from fusioner.config import load_config
+from fusioner.engine.evaluate import EvalSettings, choose_seen_bias, evaluate
+from fusioner.errors import FusionerError
+from fusioner.inference import labels_from_logits
+from fusioner.model import FusionerModel, FusionHead, HeadConfig
+
+
+def _model(voc_folder, tmp_path, **kw) -> FusionerModel:
+    torch.manual_seed(0)
+    config = load_config(
+        None,
+        dataset="folder",
+        data_path=str(voc_folder),
+        unseen_classes=["cow", "sheep"],
+        preset="tiny",
+        image_size=64,
+        out_dir=str(tmp_path / "run"),
+        **kw,
+    )
+    return FusionerModel.from_config(config).eval()
+
+
+@pytest.mark.parametrize("attention", ["decoupled", "joint"])
+def test_k_names_in_one_batch_give_the_numbers_of_k_one_name_passes(attention):
+    torch.manual_seed(0)
+    head = FusionHead(
+        HeadConfig(vision_dim=24, text_dim=20, dim=32, depth=2, heads=4, fusion_attention=attention)
+    ).eval()
+    tokens, text = torch.randn(2, 12, 24), torch.randn(2, 5, 20)
+    with torch.no_grad():
+        together = head(tokens, (3, 4), text, (24, 32))
+        alone = torch.cat([head(tokens, (3, 4), text[:, [j]], (24, 32)) for j in range(5)], dim=1)
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_joint_attention_conditions_patches_on_the_name():
+    """Joint: patches read the name, so the pixel embeddings differ per name; decoupled: they do not."""
+    torch.manual_seed(0)
+    tokens, text = torch.randn(1, 9, 24), torch.randn(1, 3, 20)
+    for attention, differ in (("joint", True), ("decoupled", False)):
+        head = FusionHead(HeadConfig(24, 20, dim=32, depth=1, heads=4, fusion_attention=attention)).eval()
+        visual, _ = head.fusion(tokens, text)
+        assert visual.shape[1] == (3 if attention == "joint" else 1)
+        if differ:
+            assert not torch.allclose(visual[:, 0], visual[:, 1])
+
+
+@pytest.mark.parametrize("size", [(375, 500), (1, 1), (64, 64)])
+def test_predict_takes_any_image_size(voc_folder, tmp_path, size):
+    model = _model(voc_folder, tmp_path)
+    names = ["cat", "dog", "grass"]
+    image = torch.rand(3, *size)
+    labels = model.predict(image, names)
+    assert labels.shape == size and labels.dtype == torch.long
+    assert 0 <= labels.min() and labels.max() <= len(names)
+    batch = model.predict(image[None].expand(2, -1, -1, -1), names)
+    assert batch.shape == (2, *size)
+    torch.testing.assert_close(batch[0], labels)
+    mixed = model.predict([image, torch.rand(3, 40, 30)], names)
+    assert [tuple(m.shape) for m in mixed] == [size, (40, 30)]
+    sliding = model.logits(image, names, mode="sliding")
+    assert sliding.shape == (3, *size) and torch.isfinite(sliding).all()
+
+
+def test_predict_refuses_a_wrong_shape(voc_folder, tmp_path):
+    with pytest.raises(FusionerError, match="'b 3 h w' or '3 h w'"):
+        _model(voc_folder, tmp_path).predict(torch.rand(64, 64), ["cat"])
+
+
+def test_batched_logits_equal_one_image_at_a_time(voc_folder, tmp_path):
+    model = _model(voc_folder, tmp_path)
+    images = [torch.rand(3, 50, 70), torch.rand(3, 90, 40)]
+    with torch.no_grad():
+        together = model.logits(images, ["cat", "dog"])
+        alone = [model.logits(im, ["cat", "dog"]) for im in images]
+    for a, b in zip(together, alone, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_seen_bias_zero_is_the_plain_rule_and_a_large_one_leaves_only_unseen_names():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 5, 7) * 5
+    seen = torch.tensor([True, True, True, True, False, False])
+    plain = labels_from_logits(logits, 0.5)
+    assert torch.equal(labels_from_logits(logits, 0.5, seen_bias=0.0, seen=seen), plain)
+    biased = labels_from_logits(logits, 0.5, seen_bias=1e4, seen=seen)
+    foreground = logits[:, 4:].max(1).values >= 0
+    assert torch.equal(biased > 0, foreground)  # only unseen names can still pass the threshold
+    assert set(biased[biased > 0].unique().tolist()) <= {5, 6}
+    with pytest.raises(ValueError, match="seen flags"):
+        labels_from_logits(logits, 0.5, seen_bias=1.0)
+
+
+def test_calibrated_gzss_at_zero_equals_gzss_and_the_bias_curve_matches_evaluate(voc_folder, tmp_path):
+    from fusioner.data import build_split
+
+    model = _model(voc_folder, tmp_path)
+    split = build_split(
+        load_config(None, dataset="folder", data_path=str(voc_folder), unseen_classes=["cow", "sheep"])
+    )
+    # A high threshold: the untrained head then predicts both background and names.
+    settings = EvalSettings(64, threshold=0.97)
+    kw = dict(seen=split.seen, unseen=split.unseen, settings=settings, progress=False)
+    at_zero = evaluate(model, split.val, seen_bias=0.0, **kw)
+    plain = {k: v for k, v in at_zero["gzss_calibrated"].items() if k != "seen_bias"}
+    assert json.dumps(plain, sort_keys=True) == json.dumps(at_zero["gzss"], sort_keys=True)
+    assert 0 < at_zero["gzss"]["per_class"]["background"] < 1
+    assert set(at_zero["one_way_seen"]["per_class"]) == set(split.seen)
+
+    best, curve = choose_seen_bias(model, split.val, **kw)
+    assert best in curve and len(curve) > 10
+    assert json.dumps(curve[0.0], sort_keys=True) == json.dumps(at_zero["gzss"], sort_keys=True)
+    some = sorted(curve)[len(curve) // 4]
+    slow = evaluate(model, split.val, seen_bias=some, **kw)["gzss_calibrated"]
+    assert json.dumps(curve[some], sort_keys=True) == json.dumps(
+        {k: v for k, v in slow.items() if k != "seen_bias"}, sort_keys=True
+    )
+    assert curve[some] != curve[0.0]  # the bias changed some pixels
+
+    huge = evaluate(model, split.val, seen_bias=1e4, **kw)["gzss_calibrated"]["per_class"]
+    assert all(math.isnan(huge[n]) or huge[n] == 0 for n in split.seen)
+
+
+def test_eval_split_test_reads_the_test_list_and_a_folder_without_one_is_refused(voc_folder, tmp_path):
+    from fusioner.data import build_split
+
+    root = tmp_path / "with_test"
+    shutil.copytree(voc_folder, root)
+    val = (root / "splits" / "val.txt").read_text().split()
+    (root / "splits" / "test.txt").write_text("\n".join(val[:2]) + "\n")
+    base = dict(dataset="folder", data_path=str(root), unseen_classes=["cow", "sheep"])
+    split = build_split(load_config(None, eval_split="test", **base))
+    assert [split.test.item_id(i) for i in range(len(split.test))] == val[:2]
+    assert split.evaluation_set("test") is split.test
+    assert build_split(load_config(None, **base)).test is None  # not opened unless asked for
+
+    (root / "splits" / "test.txt").unlink()
+    with pytest.raises(FusionerError, match=r"splits/test\.txt does not exist"):
+        build_split(load_config(None, eval_split="test", **base))
+    with pytest.raises(FusionerError, match="eval_split"):
+        load_config(None, eval_split="train", **base)
+
+
+def test_a_dataset_without_a_test_split_says_so(voc_folder):
+    from fusioner.data import build_split
+
+    split = build_split(
+        load_config(None, dataset="folder", data_path=str(voc_folder), unseen_classes=["cow"])
+    )
+    split.name = "pascal5i"
+    with pytest.raises(FusionerError, match="pascal5i has no test split apart from val"):
+        split.evaluation_set("test")
