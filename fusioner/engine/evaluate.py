@@ -147,8 +147,8 @@ def choose_seen_bias(
 ) -> tuple[float, dict[float, dict]]:
     """The seen bias (logit units) of :data:`BIAS_GRID` with the best GZSS hIoU on ``dataset``.
 
-    Returns ``(bias, {bias: GZSS metrics at that bias})``. One pass: per pixel, the best seen and the best unseen logit
-    decide the label for every candidate bias, so the grid costs one scoring of the images.
+    Returns ``(bias, {bias: GZSS metrics at that bias})``. One pass: per pixel, the best seen and
+    the best unseen logit decide the label for every candidate bias, so the grid costs one scoring.
     """
     model.eval()
     names = list(seen) + list(unseen)
