@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -63,17 +62,10 @@ def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     from fusioner.engine.evaluate import evaluate_model
+    from fusioner.run import Metrics
 
     out = evaluate_model(args.model, args.config, _overrides(extra), out=args.out)
-    metrics = json.loads(out.read_text())
-    one = metrics["one_way"]
-    line = f"1-way mIoU {one['miou']:.4f}  FB-IoU {one['fbiou']:.4f}"
-    if "gzss" in metrics:
-        gz = metrics["gzss"]
-        line += f"  |  GZSS seen {gz['miou_seen']:.4f} unseen {gz['miou_unseen']:.4f} hIoU {gz['hiou']:.4f}"
-    else:
-        line += f"  |  n-way (each image's own names in one pass) mIoU {metrics['n_way']['miou']:.4f}"
-    print(f"{line}\nwrote {out}")
+    print(f"{Metrics.read(out).line()}\nwrote {out}")
 
 
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> None:

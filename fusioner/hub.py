@@ -10,7 +10,6 @@ without building a backbone) and the readability of its weights.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -21,10 +20,12 @@ from typing import Any, Protocol
 from huggingface_hub import CommitOperationAdd, EvalResult, ModelCard, ModelCardData
 
 from fusioner.adapters.registry import Entry
-from fusioner.config import Config, load_config
-from fusioner.errors import ConfigError, FusionerError, UnknownNameError, WeightsError
+from fusioner.config import Config
+from fusioner.errors import ConfigError, DataError, FusionerError, UnknownNameError, WeightsError
+from fusioner.io import read_json
 from fusioner.model.head import HeadConfig
 from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
+from fusioner.run import Metrics, RunDir, pct
 
 CARD_NAME = "README.md"
 RANDOM = "random"  # adapters' weights="random": a backbone that cannot be rebuilt identically on load
@@ -85,18 +86,15 @@ class RunRecord:
     model_dir: Path
     record: dict[str, Any]  # model/config.json
     config: Config  # config.yaml: training data, fold, schedule
-    metrics: dict[str, Any] | None  # metrics.json, when the run was evaluated
+    metrics: Metrics | None  # metrics.json, when the run was evaluated
     steps: int | None
     num_parameters: int
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise FusionerError(f"{path}: cannot read the {what}: {e}") from None
+def _read_model_record(path: Path) -> dict[str, Any]:
+    data = read_json(path, "model config")
     if not isinstance(data, dict):
-        raise FusionerError(f"{path}: the {what} is not a JSON object")
+        raise DataError(f"model config {path} is not a JSON object")
     return data
 
 
@@ -112,27 +110,11 @@ def _count_parameters(path: Path) -> int:
 
 def read_run(run_dir: str | Path) -> RunRecord:
     """Check that ``run_dir`` holds a finished, publishable model and read what the card needs."""
-    run_dir = Path(run_dir)
-    model_dir = run_dir / "model"
-    if not run_dir.is_dir():
-        raise FusionerError(f"run directory {run_dir} does not exist")
-    missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (model_dir / f).is_file()]
-    if missing:
-        raise FusionerError(
-            f"{run_dir} holds no finished model: {', '.join(str(model_dir / f) for f in missing)} missing "
-            f"(train it to the end first; `fusioner train --resume` continues a killed run)"
-        )
-    state_path = run_dir / "train_state.json"
-    state = _read_json(state_path, "training state") if state_path.is_file() else None
-    if state is not None and not state.get("finished", False):
-        raise FusionerError(
-            f"{run_dir} holds an unfinished model ({state.get('steps')} of {state.get('total_steps')} "
-            f"steps in {state_path}); finish training with `fusioner train --resume` first"
-        )
-    if not (run_dir / "config.yaml").is_file():
-        raise FusionerError(f"{run_dir} is not a run directory: config.yaml (its training config) is missing")
-    config = load_config(run_dir / "config.yaml")
-    record = _read_json(model_dir / CONFIG_NAME, "model config")
+    run = RunDir(run_dir)
+    model_dir = run.model
+    state = run.require_finished_model()
+    config = run.read_config()
+    record = _read_model_record(model_dir / CONFIG_NAME)
     for key in ("vision", "text", "head", "templates", "image_size", "threshold"):
         if key not in record:
             raise FusionerError(f"{model_dir / CONFIG_NAME}: key {key!r} is missing; re-save the model")
@@ -147,11 +129,10 @@ def read_run(run_dir: str | Path) -> RunRecord:
         HeadConfig(**record["head"])
     except TypeError as e:
         raise FusionerError(f"{model_dir / CONFIG_NAME}: key 'head' is not a head config: {e}") from None
-    metrics_path = run_dir / "metrics.json"
-    metrics = _read_json(metrics_path, "metrics") if metrics_path.is_file() else None
-    steps = state.get("steps") if state else None
+    metrics = run.read_metrics() if run.metrics.is_file() else None
+    steps = state.steps if state else None
     num_parameters = _count_parameters(model_dir / WEIGHTS_NAME)
-    return RunRecord(run_dir, model_dir, record, config, metrics, steps, num_parameters)
+    return RunRecord(run.path, model_dir, record, config, metrics, steps, num_parameters)
 
 
 # -- the model card ----------------------------------------------------------------------------------
@@ -159,8 +140,8 @@ def held_out_classes(run: RunRecord) -> list[str]:
     """The class names kept out of training: evaluated ones first, else the config's / the fold's."""
     from fusioner.data.splits import COCO_CLASSES, VOC_CLASSES, coco20i_labels, pascal5i_labels
 
-    if run.metrics and run.metrics.get("one_way", {}).get("per_class"):
-        return list(run.metrics["one_way"]["per_class"])
+    if run.metrics and run.metrics.one_way.get("per_class"):
+        return list(run.metrics.one_way["per_class"])
     if run.config.unseen_classes:
         return list(run.config.unseen_classes)
     if run.config.dataset == "pascal5i":
@@ -170,10 +151,6 @@ def held_out_classes(run: RunRecord) -> list[str]:
     return []
 
 
-def _pct(value: Any) -> str:
-    return "n/a" if not isinstance(value, (int, float)) or math.isnan(value) else f"{100 * value:.1f}"
-
-
 def _weights(kind: str, name: str, weights: str | None) -> str:
     if weights:
         return f"weights `{weights}`"
@@ -181,28 +158,28 @@ def _weights(kind: str, name: str, weights: str | None) -> str:
     return f"default weights, from {entry.weights}" if entry else "default weights"
 
 
-def _metrics_section(metrics: dict[str, Any] | None) -> list[str]:
+def _metrics_section(metrics: Metrics | None) -> list[str]:
     if not metrics:
         return ["Not evaluated yet (`fusioner eval --model RUN_DIR` writes `metrics.json`)."]
-    one, gz = metrics.get("one_way", {}), metrics.get("gzss", {})
+    one, gz = metrics.one_way, metrics.gzss or {}
     lines = [
         "| protocol | metric | value (%) |",
         "|---|---|---|",
-        f"| 1-way, each held-out class queried alone (HSNet) | mIoU | {_pct(one.get('miou'))} |",
-        f"| | FB-IoU | {_pct(one.get('fbiou'))} |",
-        f"| generalized zero-shot, all classes in one pass | mIoU seen | {_pct(gz.get('miou_seen'))} |",
-        f"| | mIoU unseen | {_pct(gz.get('miou_unseen'))} |",
-        f"| | hIoU | {_pct(gz.get('hiou'))} |",
+        f"| 1-way, each held-out class queried alone (HSNet) | mIoU | {pct(one.get('miou'))} |",
+        f"| | FB-IoU | {pct(one.get('fbiou'))} |",
+        f"| generalized zero-shot, all classes in one pass | mIoU seen | {pct(gz.get('miou_seen'))} |",
+        f"| | mIoU unseen | {pct(gz.get('miou_unseen'))} |",
+        f"| | hIoU | {pct(gz.get('hiou'))} |",
     ]
     per_class = one.get("per_class") or {}
     if per_class:
-        figures = ", ".join(f"{name} {_pct(value)}" for name, value in per_class.items())
+        figures = ", ".join(f"{name} {pct(value)}" for name, value in per_class.items())
         lines += ["", f"1-way IoU per held-out class: {figures}"]
     return lines
 
 
 def _eval_results(run: RunRecord, model_name: str) -> list[EvalResult] | None:
-    miou = (run.metrics or {}).get("one_way", {}).get("miou")
+    miou = run.metrics.one_way.get("miou") if run.metrics else None
     if not isinstance(miou, (int, float)) or math.isnan(miou):
         return None
     dataset = run.config.dataset

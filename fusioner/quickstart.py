@@ -12,7 +12,6 @@ feature cache, shared by the model and the baseline) and training the head on ca
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from fusioner.engine.evaluate import EvalSettings, evaluate  # noqa: E402
 from fusioner.engine.train import train  # noqa: E402
 from fusioner.io import atomic_save_png, atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from fusioner.model import FusionerModel  # noqa: E402
+from fusioner.run import RunDir  # noqa: E402
 from fusioner.visualize import overlay, to_uint8  # noqa: E402
 
 # The default setting: measured to fit 10 minutes on 2 CPU cores (see README).
@@ -139,7 +139,7 @@ def quickstart(out: Path, *, seed: int = 0, fast: bool = False, overrides: list[
         t0 = time.perf_counter()
         result = train(cfg, resume=True, split=split)
         timings[f"train_{name}"] = time.perf_counter() - t0
-        losses[name] = result.losses or _read_losses(Path(cfg.out_dir))
+        losses[name] = result.losses or RunDir(cfg.out_dir).read_losses()
         t0 = time.perf_counter()
         model = result.model.eval()
         cache = prepare_cache(cfg, model.vision, val_set, torch.device("cpu"))
@@ -147,7 +147,7 @@ def quickstart(out: Path, *, seed: int = 0, fast: bool = False, overrides: list[
         metrics = evaluate(
             model, val_set, seen=split.seen, unseen=split.unseen, settings=settings, cache=cache
         )
-        atomic_write_json(Path(cfg.out_dir) / "metrics.json", metrics)
+        atomic_write_json(RunDir(cfg.out_dir).metrics, metrics)
         timings[f"eval_{name}"] = time.perf_counter() - t0
         results[name] = (_figures(metrics), model)
     timings["total"] = time.perf_counter() - start
@@ -175,11 +175,6 @@ def quickstart(out: Path, *, seed: int = 0, fast: bool = False, overrides: list[
     atomic_write_json(out / "report.json", report.to_json())
     atomic_write_text(out / "report.md", _markdown(report))
     return report
-
-
-def _read_losses(run_dir: Path) -> list[float]:
-    path = run_dir / "losses.jsonl"
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _plot_losses(losses: dict[str, list[float]], path: Path) -> Path:

@@ -51,15 +51,14 @@ import yaml
 
 from fusioner.config import Config, canonical_key, load_config, read_yaml_mapping
 from fusioner.errors import ConfigError, FusionerError
-from fusioner.io import atomic_write, atomic_write_json, atomic_write_text
+from fusioner.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from fusioner.run import DONE, ERROR, FAILED, PARTIAL, PENDING, TRAINED, RunDir, pct
 
 log = logging.getLogger(__name__)
 
 PLAN = "sweep.json"  # the expanded runs (names and labels), written by every invocation
 EVENTS = "runs.jsonl"  # one line per attempted run, appended
 STATUS = "status.json"  # every run's state, rewritten after each attempt
-METRICS = "metrics.json"
-ERROR = "error.txt"
 # Sweep-file spellings of config keys.
 ALIASES = {"folds": "fold"}
 # The run name's fixed parts, in order; every other axis is appended after them.
@@ -71,9 +70,7 @@ RUNTIME_KEYS = frozenset(
 )
 LIST_KEYS = frozenset(k for k, t in typing.get_type_hints(Config).items() if typing.get_origin(t) is list)
 
-# Run states, as found on disk; a run found done is "skipped" by a sweep.
-DONE, FAILED, TRAINED, PARTIAL, PENDING = "done", "failed", "trained", "partial", "pending"
-SKIPPED = "skipped"
+SKIPPED = "skipped"  # the outcome of a run found done
 
 
 # -- expansion -------------------------------------------------------------------------------------
@@ -93,6 +90,10 @@ class Run:
     @property
     def dir(self) -> Path:
         return Path(self.config.out_dir)
+
+    @property
+    def run_dir(self) -> RunDir:
+        return RunDir(self.config.out_dir)
 
 
 @dataclass(frozen=True)
@@ -264,49 +265,17 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 # -- run states --------------------------------------------------------------------------------------
-def has_metrics(run_dir: Path) -> bool:
-    try:
-        return "one_way" in json.loads((run_dir / METRICS).read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def is_trained(run_dir: Path) -> bool:
-    from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
-
-    try:
-        finished = json.loads((run_dir / "train_state.json").read_text()).get("finished", False)
-    except (OSError, ValueError):
-        return False
-    return finished and all((run_dir / "model" / f).is_file() for f in (CONFIG_NAME, WEIGHTS_NAME))
-
-
-def run_state(run_dir: Path) -> str:
-    """done | failed | trained (not evaluated) | partial (has checkpoints) | pending."""
-    from fusioner.engine.train import latest_checkpoint
-
-    if has_metrics(run_dir):
-        return DONE
-    if (run_dir / ERROR).is_file():
-        return FAILED
-    if is_trained(run_dir):
-        return TRAINED
-    return PARTIAL if latest_checkpoint(run_dir) is not None else PENDING
-
-
 def check_same_config(run: Run) -> None:
     """Refuse to resume (or skip) a run directory whose progress was made with a different config.
 
     A run that failed before its first checkpoint (a wrong data_path, say) holds nothing to keep,
     so it starts over under the new config.
     """
-    from fusioner.engine.train import latest_checkpoint
-
-    saved = run.dir / "config.yaml"
-    progress = has_metrics(run.dir) or is_trained(run.dir) or latest_checkpoint(run.dir) is not None
-    if not saved.is_file() or not progress:
+    files = run.run_dir
+    progress = files.has_metrics() or files.is_trained() or files.latest_checkpoint() is not None
+    if not files.config.is_file() or not progress:
         return
-    before, now = load_config(saved).to_dict(), run.config.to_dict()
+    before, now = files.read_config().to_dict(), run.config.to_dict()
     changed = [
         f"{k}: {before[k]!r} -> {v!r}" for k, v in now.items() if k not in RUNTIME_KEYS and before[k] != v
     ]
@@ -358,7 +327,7 @@ def _append_event(sweep_dir: Path, event: dict[str, Any]) -> None:
 
 def write_status(sweep: Sweep) -> Path:
     """``status.json``: every run's state, read from disk (so any shard's rewrite is a true picture)."""
-    states = {run.name: run_state(run.dir) for run in sweep.runs}
+    states = {run.name: run.run_dir.state for run in sweep.runs}
     return atomic_write_json(
         sweep.dir / STATUS, {"updated": _now(), "counts": dict(Counter(states.values())), "runs": states}
     )
@@ -372,17 +341,17 @@ def run_one(run: Run, state: Any) -> RunOutcome:
     from accelerate.utils import set_seed
 
     from fusioner.engine.evaluate import evaluate_model
-    from fusioner.engine.train import latest_checkpoint, train
+    from fusioner.engine.train import train
 
     start, action = time.monotonic(), ""
     try:
         check_same_config(run)
-        if has_metrics(run.dir):
+        if run.run_dir.has_metrics():
             return RunOutcome(run.name, SKIPPED, "")
         if state.is_main_process:
-            (run.dir / ERROR).unlink(missing_ok=True)
-        if not is_trained(run.dir):
-            action = "resumed" if latest_checkpoint(run.dir) is not None else "trained"
+            run.run_dir.error.unlink(missing_ok=True)
+        if not run.run_dir.is_trained():
+            action = "resumed" if run.run_dir.latest_checkpoint() is not None else "trained"
             train(run.config, resume=action == "resumed")
         action = action or "evaluated"
         state.wait_for_everyone()
@@ -393,7 +362,7 @@ def run_one(run: Run, state: Any) -> RunOutcome:
             evaluate_model(str(run.dir), None, [])
     except Exception as e:  # one broken run must not stop the sweep; KeyboardInterrupt still does
         if state.is_main_process:
-            atomic_write_text(run.dir / ERROR, traceback.format_exc())
+            atomic_write_text(run.run_dir.error, traceback.format_exc())
         message = str(e) if isinstance(e, FusionerError) else f"{type(e).__name__}: {e}"
         first_line = (message.splitlines() or [type(e).__name__])[0]
         outcome = RunOutcome(run.name, FAILED, action, time.monotonic() - start, first_line)
@@ -439,8 +408,8 @@ def run_sweep(
         write_plan(sweep)
     outcomes = []
     for run in runs:
-        if not has_metrics(run.dir):
-            log.info("sweep run %s: %s", run.name, run_state(run.dir))
+        if not run.run_dir.has_metrics():
+            log.info("sweep run %s: %s", run.name, run.run_dir.state)
         outcome = run_one(run, state)
         outcomes.append(outcome)
         if state.is_main_process and outcome.status != SKIPPED:
@@ -473,24 +442,17 @@ METRIC_COLUMNS = ("miou", "fbiou", "gzss_miou_seen", "gzss_miou_unseen", "gzss_h
 def collect(sweep_dir: str | Path) -> list[Row]:
     """Every planned run of the sweep in ``sweep_dir`` with its state and headline metrics."""
     sweep_dir = Path(sweep_dir)
-    try:
-        plan = json.loads((sweep_dir / PLAN).read_text())
-    except FileNotFoundError:
-        raise FusionerError(f"{sweep_dir} is not a sweep directory: it has no {PLAN}") from None
-    except ValueError as e:
-        raise FusionerError(f"{sweep_dir / PLAN} is not valid JSON: {e}") from None
+    if not (sweep_dir / PLAN).is_file():
+        raise FusionerError(f"{sweep_dir} is not a sweep directory: it has no {PLAN}")
+    plan = read_json(sweep_dir / PLAN, "sweep plan")
     rows = []
     for run in plan["runs"]:
-        run_dir = sweep_dir / run["name"]
-        state, metrics, error = run_state(run_dir), {}, ""
+        run_dir = RunDir(sweep_dir / run["name"])
+        state, metrics, error = run_dir.state, {}, ""
         if state == DONE:
-            data = json.loads((run_dir / METRICS).read_text())
-            one, gz = data["one_way"], data["gzss"]
-            metrics = {"miou": one["miou"], "fbiou": one["fbiou"]}
-            metrics.update({f"gzss_{k}": gz[k] for k in ("miou_seen", "miou_unseen", "hiou")})
+            metrics = run_dir.read_metrics().headline()
         elif state == FAILED:
-            lines = (run_dir / ERROR).read_text().splitlines()
-            error = next((ln for ln in reversed(lines) if ln.strip()), "")  # the exception's own line
+            error = run_dir.last_error()  # the exception's own line
         rows.append(Row(run["name"], run["labels"], state, metrics, error))
     return rows
 
@@ -514,19 +476,15 @@ def _mean(values: Iterable[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _pct(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
-
-
 def _cell_text(runs: list[Row]) -> str:
     done = [r for r in runs if r.state == DONE]
     if not done:
         return "–"
-    folds = " · ".join(f"f{r.labels['fold']} {_pct(r.metrics['miou'])}" for r in done)
+    folds = " · ".join(f"f{r.labels['fold']} {pct(r.metrics['miou'])}" for r in done)
     missing = f", {len(done)}/{len(runs)} folds" if len(done) < len(runs) else ""
     detail = f" ({folds}{missing})" if len(runs) > 1 else ""  # one run: its figure is the mean
     miou, fbiou = _mean(r.metrics["miou"] for r in done), _mean(r.metrics["fbiou"] for r in done)
-    return f"**{_pct(miou)}**{detail}; FB-IoU {_pct(fbiou)}"
+    return f"**{pct(miou)}**{detail}; FB-IoU {pct(fbiou)}"
 
 
 def _ordered(values: Iterable[str]) -> list[str]:

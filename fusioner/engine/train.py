@@ -33,12 +33,12 @@ from fusioner.data.transforms import resize
 from fusioner.engine.cache import FeatureCache, prepare_cache
 from fusioner.engine.losses import mask_loss, rank_loss, resize_labels
 from fusioner.errors import FusionerError
-from fusioner.io import atomic_write_json
+from fusioner.io import read_json
 from fusioner.model import FusionerModel
+from fusioner.run import CHECKPOINT_STATE, CHECKPOINTS, RunDir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
 
 
@@ -213,21 +213,20 @@ class EpochSampler(Sampler[int]):
 
 # -- checkpoints -----------------------------------------------------------------------------------
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    done = sorted(p for p in (Path(out_dir) / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))
-    return done[-1] if done else None
+    return RunDir(out_dir).latest_checkpoint()
 
 
 def _save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int) -> Path:
     """``save_state`` into a temporary folder renamed into place: never a half-written checkpoint."""
-    final = out_dir / CHECKPOINTS / f"step-{step:08d}"
+    final = RunDir(out_dir).checkpoint(step)
     if final.exists():
         return final
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     accelerator.save_state(str(tmp))
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step}))
     os.replace(tmp, final)
-    for old in sorted((out_dir / CHECKPOINTS).glob("step-*"))[:-KEEP_CHECKPOINTS]:
+    for old in RunDir(out_dir).list_checkpoints()[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -257,7 +256,7 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
         raise FusionerError(
             f"{out_dir} already holds checkpoints: pass --resume to continue, or another out_dir"
         )
-    save_config(config, out_dir / "config.yaml")
+    save_config(config, RunDir(out_dir).config)
 
     accelerator = Accelerator(
         mixed_precision=_precision(config),
@@ -311,10 +310,10 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
     step = 0
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
-        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        step = read_json(ckpt / CHECKPOINT_STATE, "checkpoint state")["step"]
         log.info("resumed from %s (step %d)", ckpt, step)
     batches = accelerator.skip_first_batches(loader, step * config.grad_accum) if step else loader
-    loss_log = out_dir / "losses.jsonl"
+    loss_log = RunDir(out_dir).losses
     kept = (
         [ln for ln in loss_log.read_text().splitlines() if json.loads(ln)["step"] <= step]
         if step and loss_log.exists()
@@ -378,9 +377,7 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
     model.head = accelerator.unwrap_model(head)
     model.vision.to(device)  # the returned model is whole again, ready for evaluation
     if accelerator.is_main_process:
-        model.save_pretrained(out_dir / "model")
-        atomic_write_json(
-            out_dir / "train_state.json", {"steps": step, "total_steps": total, "finished": step >= total}
-        )
+        model.save_pretrained(RunDir(out_dir).model)
+        RunDir(out_dir).write_train_state(step, total)
     accelerator.end_training()
     return TrainResult(out_dir, step, losses, model)

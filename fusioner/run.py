@@ -1,0 +1,245 @@
+"""A training run directory: the one owner of its file names, its state and its ``metrics.json``.
+
+Layout of a run directory (``out_dir`` of a training config)::
+
+    config.yaml          the training config, written first by ``train``
+    checkpoints/step-*   accelerate states (train keeps the last two), each with its trainer_state.json
+    losses.jsonl         one {"step", "loss", "lr"} per optimizer step
+    model/               the finished model (``FusionerModel.save_pretrained``)
+    train_state.json     {"steps", "total_steps", "finished"}, written after model/
+    metrics.json         written by evaluation
+    error.txt            a sweep's record of the run's last failure
+
+Its state is read from which of these exist, so any process (another shard of a sweep, a push, a
+report) sees the same state without being told: ``done`` (evaluated), ``failed`` (error.txt),
+``trained`` (finished model, not evaluated), ``partial`` (checkpoints only), ``pending``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fusioner.config import Config, load_config
+from fusioner.errors import DataError, FusionerError
+from fusioner.io import atomic_write_json, read_json
+from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
+
+CONFIG = "config.yaml"
+TRAIN_STATE = "train_state.json"
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_STATE = "trainer_state.json"  # inside each checkpoint: the step it was taken at
+MODEL = "model"
+LOSSES = "losses.jsonl"
+METRICS = "metrics.json"
+ERROR = "error.txt"
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # what makes model/ a finished model
+
+# Run states, as found on disk.
+DONE, FAILED, TRAINED, PARTIAL, PENDING = "done", "failed", "trained", "partial", "pending"
+STATES = (DONE, FAILED, TRAINED, PARTIAL, PENDING)
+
+
+def pct(value: Any) -> str:
+    """A fraction as a percentage with one decimal; ``n/a`` for NaN and for anything not a number."""
+    return "n/a" if not isinstance(value, (int, float)) or math.isnan(value) else f"{100 * value:.1f}"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The content of a ``metrics.json`` (see :mod:`fusioner.engine.evaluate` for its protocols)."""
+
+    data: dict[str, Any]
+    path: Path | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> Metrics:
+        """Read and check ``path``; a missing or broken file, or one without ``one_way``, is a DataError."""
+        path = Path(path)
+        data = read_json(path, "metrics file")
+        if not isinstance(data, dict) or not isinstance(data.get("one_way"), dict):
+            raise DataError(f"metrics file {path}: key 'one_way' is missing; re-run `fusioner eval`")
+        return cls(data, path)
+
+    @property
+    def one_way(self) -> dict[str, Any]:
+        return self.data["one_way"]
+
+    @property
+    def gzss(self) -> dict[str, Any] | None:
+        """Generalized zero-shot figures; None on evaluation-only sets (which have ``n_way``)."""
+        return self.data.get("gzss")
+
+    def headline(self) -> dict[str, float]:
+        """``miou``, ``fbiou`` (1-way) and, where evaluated, ``gzss_miou_seen / _unseen / _hiou``."""
+        figures = {"miou": self.one_way["miou"], "fbiou": self.one_way["fbiou"]}
+        if self.gzss is not None:
+            figures.update({f"gzss_{k}": self.gzss[k] for k in ("miou_seen", "miou_unseen", "hiou")})
+        return figures
+
+    def line(self) -> str:
+        """One line of the headline figures, as ``fusioner eval`` prints it."""
+        one, gz = self.one_way, self.gzss
+        line = f"1-way mIoU {one['miou']:.4f}  FB-IoU {one['fbiou']:.4f}"
+        if gz is not None:
+            line += f"  |  GZSS seen {gz['miou_seen']:.4f} unseen {gz['miou_unseen']:.4f}"
+            line += f" hIoU {gz['hiou']:.4f}"
+        else:
+            line += f"  |  n-way (each image's own names in one pass) mIoU {self.data['n_way']['miou']:.4f}"
+        return line
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """``train_state.json``: how far training got."""
+
+    steps: int
+    total_steps: int
+    finished: bool
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one training run (layout in the module docstring). Creating one touches nothing."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # accept a str, as every caller has one
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- file names ------------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def train_state(self) -> Path:
+        return self.path / TRAIN_STATE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def losses(self) -> Path:
+        return self.path / LOSSES
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def error(self) -> Path:
+        return self.path / ERROR
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoint(self, step: int) -> Path:
+        """The folder of the checkpoint taken at ``step``; zero-padded so names sort by step."""
+        return self.checkpoints / f"step-{step:08d}"
+
+    def list_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a ``.tmp`` folder is one being written)."""
+        return sorted(p for p in self.checkpoints.glob("step-*") if not p.name.endswith(".tmp"))
+
+    def latest_checkpoint(self) -> Path | None:
+        done = self.list_checkpoints()
+        return done[-1] if done else None
+
+    # -- reading and writing ---------------------------------------------------------------------
+    def read_config(self) -> Config:
+        """The run's training config."""
+        if not self.config.is_file():
+            raise FusionerError(
+                f"{self.path} is not a run directory: {CONFIG} (its training config) is missing"
+            )
+        return load_config(self.config)
+
+    def read_train_state(self) -> TrainState | None:
+        """``train_state.json``, or None where training never finished a first save."""
+        if not self.train_state.is_file():
+            return None
+        data = read_json(self.train_state, "training state")
+        if not isinstance(data, dict):
+            raise DataError(f"training state {self.train_state} is not a JSON object")
+        return TrainState(data.get("steps", 0), data.get("total_steps", 0), bool(data.get("finished", False)))
+
+    def write_train_state(self, steps: int, total_steps: int) -> Path:
+        return atomic_write_json(
+            self.train_state, {"steps": steps, "total_steps": total_steps, "finished": steps >= total_steps}
+        )
+
+    def read_metrics(self) -> Metrics:
+        return Metrics.read(self.metrics)
+
+    def read_losses(self) -> list[float]:
+        """The logged loss of every optimizer step; empty before the first."""
+        if not self.losses.is_file():
+            return []
+        return [json.loads(line)["loss"] for line in self.losses.read_text().splitlines() if line.strip()]
+
+    def last_error(self) -> str:
+        """The last non-blank line of ``error.txt`` (a traceback's own exception line), else ``""``."""
+        if not self.error.is_file():
+            return ""
+        lines = self.error.read_text().splitlines()
+        return next((ln for ln in reversed(lines) if ln.strip()), "")
+
+    # -- state -----------------------------------------------------------------------------------
+    def missing_model_files(self) -> list[Path]:
+        return [self.model / f for f in MODEL_FILES if not (self.model / f).is_file()]
+
+    def has_metrics(self) -> bool:
+        try:
+            self.read_metrics()
+        except DataError:
+            return False
+        return True
+
+    def is_trained(self) -> bool:
+        """Training finished and saved its model (a model without train_state.json is not trusted)."""
+        try:
+            state = self.read_train_state()
+        except DataError:
+            return False
+        return state is not None and state.finished and not self.missing_model_files()
+
+    @property
+    def state(self) -> str:
+        """done | failed | trained (not evaluated) | partial (has checkpoints) | pending."""
+        if self.has_metrics():
+            return DONE
+        if self.error.is_file():
+            return FAILED
+        if self.is_trained():
+            return TRAINED
+        return PARTIAL if self.latest_checkpoint() is not None else PENDING
+
+    def require_finished_model(self) -> TrainState | None:
+        """Raise unless the run holds a finished model; its training state, where it has one."""
+        if not self.path.is_dir():
+            raise FusionerError(f"run directory {self.path} does not exist")
+        if missing := self.missing_model_files():
+            raise FusionerError(
+                f"{self.path} holds no finished model: {', '.join(map(str, missing))} missing "
+                f"(train it to the end first; `fusioner train --resume` continues a killed run)"
+            )
+        try:
+            state = self.read_train_state()
+        except DataError as e:
+            raise FusionerError(str(e)) from None
+        if state is not None and not state.finished:
+            raise FusionerError(
+                f"{self.path} holds an unfinished model ({state.steps} of {state.total_steps} steps in "
+                f"{self.train_state}); finish training with `fusioner train --resume` first"
+            )
+        return state
