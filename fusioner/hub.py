@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 from huggingface_hub import CommitOperationAdd, EvalResult, ModelCard, ModelCardData
 
-from fusioner.adapters.registry import Entry
+from fusioner.adapters.registry import check
 from fusioner.config import Config
-from fusioner.errors import ConfigError, DataError, FusionerError, UnknownNameError, WeightsError
+from fusioner.errors import ConfigError, DataError, FusionerError, WeightsError
 from fusioner.io import read_json
 from fusioner.model.head import HeadConfig
 from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
@@ -52,30 +52,6 @@ def check_repo_id(repo_id: str) -> str:
             f"model's name; letters, digits, '-', '_' and '.'), e.g. 'alice/fusioner-dino-bert'"
         )
     return repo_id
-
-
-def registry_entry(kind: str, name: str) -> Entry | None:
-    """The registry entry that would build backbone ``name`` (``kind`` vision | text), else None."""
-    from fusioner.adapters.registry import lookup
-
-    try:
-        entry, model_id = lookup(kind, name)
-    except UnknownNameError:
-        return None
-    if entry.family and entry.name == "timm":  # the one family whose ids are known offline
-        import timm
-
-        return entry if timm.is_model(model_id) else None
-    return entry
-
-
-def check_backbones(vision: str, text: str, source: str) -> None:
-    """Raise :class:`UnknownNameError` unless both names are registered; builds nothing."""
-    from fusioner.adapters.registry import list_text, list_vision
-
-    for kind, name, known in (("vision", vision, list_vision), ("text", text, list_text)):
-        if not isinstance(name, str) or registry_entry(kind, name) is None:
-            raise UnknownNameError(f"{source}: unknown {kind} backbone {name!r}; known: {', '.join(known())}")
 
 
 @dataclass(frozen=True)
@@ -118,7 +94,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
     for key in ("vision", "text", "head", "templates", "image_size", "threshold"):
         if key not in record:
             raise FusionerError(f"{model_dir / CONFIG_NAME}: key {key!r} is missing; re-save the model")
-    check_backbones(record["vision"], record["text"], str(model_dir / CONFIG_NAME))
+    for kind in ("vision", "text"):
+        check(kind, record[kind], str(model_dir / CONFIG_NAME))
     for kind in ("vision", "text"):
         if record.get(f"{kind}_weights") == RANDOM:
             raise FusionerError(
@@ -154,8 +131,7 @@ def held_out_classes(run: RunRecord) -> list[str]:
 def _weights(kind: str, name: str, weights: str | None) -> str:
     if weights:
         return f"weights `{weights}`"
-    entry = registry_entry(kind, name)
-    return f"default weights, from {entry.weights}" if entry else "default weights"
+    return f"default weights, from {check(kind, name).weights}"  # read_run checked the name
 
 
 def _metrics_section(metrics: Metrics | None) -> list[str]:

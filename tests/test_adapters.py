@@ -27,17 +27,16 @@ from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 from fusioner.adapters import create_text, create_vision, list_text, list_vision
 from fusioner.adapters.base import TextAdapter, VisionAdapter
+from fusioner.adapters.open_clip import CLIP_ARCHS
+from fusioner.adapters.timm_vision import DINO_ARCHS, MOCOV3_ARCHS
 from fusioner.errors import ConfigError, FusionerError, UnknownNameError, WeightsError
 
 TINY_VIT = dict(embed_dim=32, depth=1, num_heads=2)
-DINO = {
-    "dino_vits16": "vit_small_patch16_224.dino",
-    "dino_vitb16": "vit_base_patch16_224.dino",
-    "dino_vits8": "vit_small_patch8_224.dino",
-    "dino_vitb8": "vit_base_patch8_224.dino",
-}
-MOCOV3 = {"mocov3_vits16": "vit_small_patch16_224", "mocov3_vitb16": "vit_base_patch16_224"}
-CLIP = {"clip_vitb16": ("ViT-B-16", 16), "clip_vitb32": ("ViT-B-32", 32), "clip_vitl14": ("ViT-L-14", 14)}
+# Every registered name of each family, from the registry itself (timm's tests/test_models.py habit):
+# a backbone registered tomorrow is tested without editing this file.
+DINO = [n for n in list_vision() if n.startswith("dino_")]
+MOCOV3 = [n for n in list_vision() if n.startswith("mocov3_")]
+CLIP = [n for n in list_vision() if n.startswith("clip_")]
 CLIP_TINY = dict(
     embed_dim=16,
     vision_cfg=dict(width=32, layers=1, head_width=16),
@@ -87,10 +86,14 @@ def check_text(adapter: TextAdapter, dim: int, names: list[str], extra: str = "n
 
 def test_every_name_is_listed() -> None:
     vision, text = list_vision(), list_text()
-    for name in [*DINO, *MOCOV3, *CLIP, "efficientnet_lite0", "timm:<name>"]:
+    # The names the README documents.
+    dino = ["dino_vits16", "dino_vitb16", "dino_vits8", "dino_vitb8"]
+    clip = ["clip_vitb16", "clip_vitb32", "clip_vitl14"]
+    for name in [*dino, "mocov3_vits16", "mocov3_vitb16", *clip, "efficientnet_lite0", "timm:<name>"]:
         assert name in vision
-    for name in ["bert_base", "minilm_l6", "hf:<name>", "glove_50d", *(f"{n}_text" for n in CLIP)]:
+    for name in ["bert_base", "minilm_l6", "hf:<name>", "glove_50d", *(f"{n}_text" for n in clip)]:
         assert name in text
+    assert all(f"{n}_text" in text for n in CLIP)  # every CLIP model has both towers
 
 
 def test_every_entry_names_its_default_weights() -> None:
@@ -121,6 +124,32 @@ def test_family_without_model_id_is_unknown(create, name) -> None:
         create(name)
 
 
+def test_the_registry_imports_no_implementation() -> None:
+    """Imports go one way: implementations import the registry, the package imports the implementations."""
+    import ast
+
+    import fusioner.adapters.registry as registry
+
+    tree = ast.parse(Path(registry.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    ours = {m for m in imported if m and m.startswith("fusioner.")}
+    assert ours <= {"fusioner.adapters.base", "fusioner.errors"}
+
+
+def test_check_builds_nothing_and_names_where() -> None:
+    from fusioner.adapters import check
+
+    assert check("vision", "timm:resnet18").name == "timm"
+    assert check("text", "hf:any/model-id").name == "hf"  # the Hub's ids are not known offline
+    with pytest.raises(UnknownNameError, match=r"^run.yaml: unknown vision backbone 'timm:nope': timm has"):
+        check("vision", "timm:nope", "run.yaml")
+    with pytest.raises(UnknownNameError, match=r"^x: unknown text backbone 'dino_vits16'; known: .*minilm"):
+        check("text", "dino_vits16", "x")
+    with pytest.raises(UnknownNameError, match="unknown vision backbone None"):
+        check("vision", None)
+
+
 def test_unknown_timm_model() -> None:
     with pytest.raises(UnknownNameError, match="not_a_timm_model"):
         create_vision("timm:not_a_timm_model")
@@ -143,7 +172,7 @@ def tiny_vit_file(tmp_path: Path):
 
 @pytest.mark.parametrize("name", DINO)
 def test_dino_tiny(name: str, tiny_vit_file) -> None:
-    path, ref = tiny_vit_file(DINO[name], **TINY_VIT)
+    path, ref = tiny_vit_file(DINO_ARCHS[name], **TINY_VIT)
     adapter = create_vision(name, weights=str(path), **TINY_VIT)
     for key in ["pos_embed", "blocks.0.attn.qkv.weight", "norm.weight"]:
         assert torch.equal(adapter.model.state_dict()[key], ref.state_dict()[key])
@@ -181,7 +210,7 @@ def _mocov3_checkpoint(path: Path, ref: nn.Module) -> None:
 
 @pytest.mark.parametrize("name", MOCOV3)
 def test_mocov3_tiny(name: str, tmp_path: Path) -> None:
-    ref = timm.create_model(MOCOV3[name], num_classes=0, **TINY_VIT)
+    ref = timm.create_model(MOCOV3_ARCHS[name][0], num_classes=0, **TINY_VIT)
     with torch.no_grad():  # MoCo v3's position embedding is a fixed 2-D sin-cos table
         ref.pos_embed.copy_(torch.sin(torch.arange(ref.pos_embed.numel()) / 7.0).view_as(ref.pos_embed))
     path = tmp_path / "vit-s-300ep.pth.tar"
@@ -329,7 +358,8 @@ def tiny_clip_file(tmp_path: Path):
 
 @pytest.mark.parametrize("name", CLIP)
 def test_clip_vision_tiny(name: str, tiny_clip_file) -> None:
-    arch, patch = CLIP[name]
+    arch = CLIP_ARCHS[name]
+    patch = open_clip.get_model_config(arch)["vision_cfg"]["patch_size"]
     path, ref = tiny_clip_file(arch)
     adapter = create_vision(name, weights=str(path), **CLIP_TINY)
     assert torch.equal(adapter.visual.conv1.weight, ref.visual.conv1.weight)
@@ -349,7 +379,7 @@ def test_clip_vision_tiny(name: str, tiny_clip_file) -> None:
 
 @pytest.mark.parametrize("name", CLIP)
 def test_clip_text_tiny(name: str, tiny_clip_file) -> None:
-    arch, _ = CLIP[name]
+    arch = CLIP_ARCHS[name]
     path, ref = tiny_clip_file(arch)
     adapter = create_text(f"{name}_text", weights=str(path), **CLIP_TINY)
     assert len(adapter.templates) == 80  # CLIP's ImageNet template ensemble by default

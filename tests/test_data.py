@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fusioner.config import Config
-from fusioner.data import BUILDERS, build_split, get_builder
+from fusioner.data import BUILDERS, build_split, get_builder, register_dataset
 from fusioner.data.coco20i import COCOInstances, coco20i_split
 from fusioner.data.folder import FolderDataset
 from fusioner.data.pascal5i import PascalVOC, fold_classes, pascal5i_split
@@ -243,6 +243,10 @@ def test_builder_registry():
     assert all(callable(get_builder(name)) for name in BUILDERS)
     with pytest.raises(UnknownNameError, match="known: pascal5i"):
         get_builder("imagenet")
+    with pytest.raises(ValueError, match="'folder' is registered twice"):
+        register_dataset("folder")(lambda config: None)
+    with pytest.raises(TypeError):
+        BUILDERS["mine"] = lambda config: None  # read-only: the decorator is the way in
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from fusioner.adapters.prompts import resolve_templates
 from fusioner.adapters.registry import register_text, register_vision
 from fusioner.errors import ConfigError
 
-_ARCHS = {"clip_vitb16": "ViT-B-16", "clip_vitb32": "ViT-B-32", "clip_vitl14": "ViT-L-14"}
+CLIP_ARCHS = {"clip_vitb16": "ViT-B-16", "clip_vitb32": "ViT-B-32", "clip_vitl14": "ViT-L-14"}
 _TAG = "openai"
 # open_clip's Hub file names, safetensors first.
 _CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -149,6 +149,6 @@ def _source(arch: str) -> str:
     return f"open_clip {arch} pretrained={_TAG} (hub: {hub})"
 
 
-for _name, _arch in _ARCHS.items():
+for _name, _arch in CLIP_ARCHS.items():
     register_vision(_name, weights=_source(_arch))(partial(build_vision, _name, _arch))
     register_text(f"{_name}_text", weights=_source(_arch))(partial(build_text, f"{_name}_text", _arch))

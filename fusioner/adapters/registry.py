@@ -1,7 +1,10 @@
 """Name -> builder registries for vision and text adapters.
 
 Builders are registered next to their implementation (``@register_vision("dino_vits16", ...)``)
-so adding a backbone is one decorated function, never another branch in a factory. A *family*
+so adding a backbone is one decorated function, never another branch in a factory. Imports go one
+way: the implementation modules import this one, and :mod:`fusioner.adapters` imports them (which
+runs their decorators), so this module imports no implementation and the registries are full as
+soon as anything under ``fusioner.adapters`` is imported. A *family*
 (``timm:``, ``hf:``) is a prefix whose remainder is passed to the builder as the model id.
 Builders take ``weights`` (hub id, local file or folder; None = the entry's default) plus keyword
 overrides of the architecture, which is how the tests build tiny models through the real path.
@@ -23,6 +26,8 @@ class Entry:
     build: Callable[..., Any]
     weights: str  # where the default weights come from, for users and the README table
     family: bool = False  # a prefix like "timm:" that takes any model id after it
+    # For a family whose ids are known offline (timm's): is this model id one of them?
+    accepts: Callable[[str], bool] | None = None
 
 
 class Registry:
@@ -30,11 +35,13 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, *, weights: str, family: bool = False) -> Callable:
+    def register(
+        self, name: str, *, weights: str, family: bool = False, accepts: Callable[[str], bool] | None = None
+    ) -> Callable:
         def decorator(fn: Callable) -> Callable:
             if name in self._entries:
                 raise ValueError(f"{self.kind} adapter {name!r} is registered twice")
-            self._entries[name] = Entry(name, fn, weights, family)
+            self._entries[name] = Entry(name, fn, weights, family, accepts)
             return fn
 
         return decorator
@@ -53,6 +60,27 @@ class Registry:
             raise UnknownNameError(f"unknown {self.kind} backbone {name!r}; known: {', '.join(self.names())}")
         return entry, model_id
 
+    def check(self, name: str, where: str = "") -> Entry:
+        """The entry that would build ``name``, checked as far as possible without building it.
+
+        Raises :class:`UnknownNameError` (prefixed with ``where``, e.g. a file and run) for a name
+        that is not registered, and for a family id the family knows offline not to exist.
+        """
+        prefix = f"{where}: " if where else ""
+        known = ", ".join(self.names())
+        if not isinstance(name, str):
+            raise UnknownNameError(f"{prefix}unknown {self.kind} backbone {name!r}; known: {known}")
+        try:
+            entry, model_id = self.lookup(name)
+        except UnknownNameError as e:
+            raise UnknownNameError(f"{prefix}{e}") from None
+        if entry.accepts is not None and not entry.accepts(model_id):
+            raise UnknownNameError(
+                f"{prefix}unknown {self.kind} backbone {name!r}: {entry.name} has no model {model_id!r}; "
+                f"known: {known}"
+            )
+        return entry
+
     def create(self, name: str, weights: str | None = None, **kwargs: Any) -> Any:
         entry, model_id = self.lookup(name)
         if entry.family:
@@ -66,34 +94,31 @@ register_vision = VISION.register
 register_text = TEXT.register
 
 
-def _load_families() -> None:
-    # Importing the family modules runs their @register decorators.
-    from fusioner.adapters import hf_text, open_clip, timm_vision, word_vectors  # noqa: F401
+def registry(kind: str) -> Registry:
+    """The ``vision`` or ``text`` registry."""
+    if kind not in ("vision", "text"):
+        raise ValueError(f"backbone kind {kind!r}: expected 'vision' or 'text'")
+    return VISION if kind == "vision" else TEXT
 
 
-def lookup(kind: str, name: str) -> tuple[Entry, str]:
-    """Check a ``vision`` or ``text`` backbone name without building it (see Registry.lookup)."""
-    _load_families()
-    return (VISION if kind == "vision" else TEXT).lookup(name)
+def check(kind: str, name: str, where: str = "") -> Entry:
+    """Check a ``vision`` or ``text`` backbone name without building it (see :meth:`Registry.check`)."""
+    return registry(kind).check(name, where)
 
 
 def list_vision() -> list[str]:
-    _load_families()
     return VISION.names()
 
 
 def list_text() -> list[str]:
-    _load_families()
     return TEXT.names()
 
 
 def create_vision(name: str, weights: str | None = None, **kwargs: Any) -> VisionAdapter:
     """Build a frozen vision adapter by registered name, e.g. ``dino_vits16`` or ``timm:resnet50``."""
-    _load_families()
     return VISION.create(name, weights, **kwargs).freeze()
 
 
 def create_text(name: str, weights: str | None = None, **kwargs: Any) -> TextAdapter:
     """Build a frozen text adapter by registered name, e.g. ``minilm_l6`` or ``hf:bert-base-cased``."""
-    _load_families()
     return TEXT.create(name, weights, **kwargs).freeze()

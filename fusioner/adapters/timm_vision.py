@@ -154,7 +154,7 @@ def load_timm_source(
 # ---------------------------------------------------------------------------------------------
 # Registered entries.
 
-_DINO = {
+DINO_ARCHS = {
     "dino_vits16": "vit_small_patch16_224.dino",
     "dino_vitb16": "vit_base_patch16_224.dino",
     "dino_vits8": "vit_small_patch8_224.dino",
@@ -170,11 +170,11 @@ def build_dino(name: str, arch: str, weights: str | None = None, **kwargs: Any) 
     return TimmVision(name, model)
 
 
-for _name, _arch in _DINO.items():
+for _name, _arch in DINO_ARCHS.items():
     register_vision(_name, weights=f"timm hub: {_arch}")(partial(build_dino, _name, _arch))
 
 
-_MOCOV3 = {
+MOCOV3_ARCHS = {
     "mocov3_vits16": (
         "vit_small_patch16_224",
         "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar",
@@ -201,7 +201,7 @@ def build_mocov3(name: str, arch: str, url: str, weights: str | None = None, **k
     return TimmVision(name, model)
 
 
-for _name, (_arch, _url) in _MOCOV3.items():
+for _name, (_arch, _url) in MOCOV3_ARCHS.items():
     register_vision(_name, weights=f"MoCo v3 release: {_url}")(partial(build_mocov3, _name, _arch, _url))
 
 
@@ -228,7 +228,9 @@ def build_efficientnet_lite0(weights: str | None = None, **kwargs: Any) -> TimmV
     return TimmVision(name, model, feature_index=stride16[-1])
 
 
-@register_vision("timm", weights="timm hub: the model's default pretrained tag", family=True)
+@register_vision(
+    "timm", weights="timm hub: the model's default pretrained tag", family=True, accepts=timm.is_model
+)
 def build_timm(model_id: str, weights: str | None = None, **kwargs: Any) -> TimmVision:
     name = f"timm:{model_id}"
     if not timm.is_model(model_id):

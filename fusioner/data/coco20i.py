@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from fusioner.config import Config
+from fusioner.data.registry import register_dataset
 from fusioner.data.splits import (
     COCO_CLASSES,
     ListDataset,
@@ -197,6 +198,7 @@ def coco20i_split(
     return Split(train=train, val=val, seen=seen, unseen=unseen)
 
 
+@register_dataset("coco20i")
 def build_coco20i(config: Config) -> Split:
     if config.unseen_classes:
         raise ConfigError(

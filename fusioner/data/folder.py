@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fusioner.config import Config
 from fusioner.data.base import IGNORE
+from fusioner.data.registry import register_dataset
 from fusioner.data.splits import (
     ListDataset,
     Split,
@@ -137,6 +138,7 @@ class FolderDataset(ListDataset):
         return self.root / "masks" / f"{id}.png"
 
 
+@register_dataset("folder")
 def build_folder(config: Config) -> Split:
     """Train on ``train`` (or the seeded 80%), choose on ``val``, report on ``val`` or ``test``
     (``eval_split``); ``unseen_classes`` are held out."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fusioner.data.base import Sample, SegDataset
+from fusioner.data.registry import register_dataset
 from fusioner.data.splits import Split
 from fusioner.errors import ConfigError, DataError
 
@@ -94,6 +95,7 @@ class _EvaluationOnly(SegDataset):
         raise ConfigError("config key 'dataset': mosaic4 is an evaluation set; train on another dataset")
 
 
+@register_dataset("mosaic4")
 def build_mosaic4(config) -> Split:
     """``dataset: mosaic4``: a folder written by ``mosaic4 generate`` (``data_path``), evaluation only.
 

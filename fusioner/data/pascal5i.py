@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fusioner.config import Config
+from fusioner.data.registry import register_dataset
 from fusioner.data.splits import (
     NUM_FOLDS,
     VOC_CLASSES,
@@ -142,6 +143,7 @@ def pascal5i_split(
     return Split(train=train, val=PascalVOC(root, "val", val_list), seen=seen, unseen=unseen)
 
 
+@register_dataset("pascal5i")
 def build_pascal5i(config: Config) -> Split:
     if config.unseen_classes:
         raise ConfigError(

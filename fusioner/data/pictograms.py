@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fusioner.data.base import Sample, SegDataset, read_image, read_mask
+from fusioner.data.registry import register_dataset
 from fusioner.data.splits import Split
 from fusioner.errors import ConfigError, DataError
 from fusioner.io import read_json
@@ -87,6 +88,7 @@ class PictogramScenes(SegDataset):
         return self.scenes[index]["id"]
 
 
+@register_dataset("pictograms")
 def build_pictograms(config) -> Split:
     """``dataset: pictograms``: the folder ``data_path`` (written by ``generate_scenes``)."""
     train, val = PictogramScenes(config.data_path, "train"), PictogramScenes(config.data_path, "val")

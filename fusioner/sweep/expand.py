@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from fusioner.adapters.registry import check
 from fusioner.config import Config, canonical_key, load_config, read_yaml_mapping
 from fusioner.errors import ConfigError, FusionerError
 from fusioner.io import atomic_write_json, read_json
@@ -210,8 +211,6 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, out: str | Pa
 
     Every run's config and every backbone name are checked here, before anything is trained.
     """
-    from fusioner.hub import check_backbones
-
     path = Path(path)
     spec = read_yaml_mapping(path, "sweep file")
     for item in overrides:
@@ -226,7 +225,8 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, out: str | Pa
         del spec[key]
     runs = expand(spec, sweep_dir, source=str(path))
     for run in runs:
-        check_backbones(run.config.vision, run.config.text, f"{path}: run {run.name}")
+        for kind in ("vision", "text"):
+            check(kind, getattr(run.config, kind), f"{path}: run {run.name}")
     return Sweep(sweep_dir, runs, str(path), tuple(overrides))
 
 
