@@ -26,7 +26,6 @@ from typing import Any
 from fusioner.config import Config, load_config
 from fusioner.errors import DataError, FusionerError
 from fusioner.io import atomic_write_json, read_json
-from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
 
 CONFIG = "config.yaml"
 TRAIN_STATE = "train_state.json"
@@ -36,7 +35,6 @@ MODEL = "model"
 LOSSES = "losses.jsonl"
 METRICS = "metrics.json"
 ERROR = "error.txt"
-MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # what makes model/ a finished model
 
 # Run states, as found on disk.
 DONE, FAILED, TRAINED, PARTIAL, PENDING = "done", "failed", "trained", "partial", "pending"
@@ -196,7 +194,11 @@ class RunDir:
 
     # -- state -----------------------------------------------------------------------------------
     def missing_model_files(self) -> list[Path]:
-        return [self.model / f for f in MODEL_FILES if not (self.model / f).is_file()]
+        """What ``model/`` lacks to be a finished model folder; empty when it is one."""
+        # Imported here: the model module may use this one for the run directory's names.
+        from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
+
+        return [self.model / f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (self.model / f).is_file()]
 
     def has_metrics(self) -> bool:
         try:
