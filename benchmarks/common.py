@@ -58,9 +58,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "no"
 
 
-def make_head(vision_dim: int, text_dim: int, preset: str = "base", decoder: str = "default") -> FusionHead:
+def make_head(
+    vision_dim: int,
+    text_dim: int,
+    preset: str = "base",
+    decoder: str = "default",
+    fusion_attention: str = "decoupled",
+) -> FusionHead:
     """A fusion head sized by a config preset (the head's size is what the library trains)."""
-    config = load_config(None, preset=preset, decoder=decoder)
+    config = load_config(None, preset=preset, decoder=decoder, fusion_attention=fusion_attention)
     return FusionHead(HeadConfig.from_config(config, vision_dim, text_dim))
 
 

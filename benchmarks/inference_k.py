@@ -30,6 +30,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--text-dim", type=int, default=768, help="text embedding width (BERT, CLIP-L: 768)")
     p.add_argument("--preset", default="base")
     p.add_argument("--decoder", default="default", choices=("default", "paper"))
+    p.add_argument("--fusion-attention", default="decoupled", choices=("decoupled", "joint"))
     p.add_argument("--image-size", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 20, 80, 171])
@@ -44,9 +45,10 @@ def main() -> None:
     args = parse_args()
     bench = setup(args)
     device, env = bench.device, bench.environment()
-    with stage(f"building {args.vision} + head ({args.preset}, {args.decoder} decoder)"):
+    with stage(f"building {args.vision} + head ({args.preset}, {args.fusion_attention}, {args.decoder})"):
         vision = create_vision(args.vision, args.vision_weights or None).to(device)
-        head = make_head(vision.embed_dim, args.text_dim, args.preset, args.decoder).to(device).eval()
+        head = make_head(vision.embed_dim, args.text_dim, args.preset, args.decoder, args.fusion_attention)
+        head = head.to(device).eval()
     size = (args.image_size, args.image_size)
     images = torch.rand(args.batch_size, 3, *size, device=device)
     generator = torch.Generator().manual_seed(0)
@@ -97,7 +99,7 @@ def main() -> None:
     )  # fmt: skip
     lines = [
         f"Setup: {args.vision} ({args.vision_weights or 'default'} weights), head preset {args.preset}, "
-        f"{args.decoder} decoder, text width {args.text_dim}, image {args.image_size}, "
+        f"{args.fusion_attention} attention, {args.decoder} decoder, text width {args.text_dim}, image {args.image_size}, "
         f"batch {args.batch_size}, "
         f"grid {out.grid[0]}x{out.grid[1]}; backbone {ms(backbone_s)} ms per batch (once per image in both "
         f"variants); medians of {args.repeats} after {args.warmup} warm-up.",

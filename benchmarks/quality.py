@@ -31,6 +31,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CCP_CONFIG = ROOT / "configs" / "folder" / "ccp.yaml"
+MARKER = "<!-- benchmarks/quality.py writes everything below this line -->"
 
 # The landed main's head (before this ablation), the base every row changes one thing of.
 LANDED = {
@@ -54,7 +55,13 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "hard12": ("12 hard negatives", {"hard_negatives": True, "num_negatives": 12}),
     "learned-t": ("learned temperature", {"learn_temperature": True}),
     "ce-hard12": ("CE + 12 hard negatives", {"ce_weight": 1.0, "hard_negatives": True, "num_negatives": 12}),
+    "landed-e1": ("landed head, 1 epoch (the budget the joint row can afford)", {"epochs": 1}),
+    "joint-e1": ("joint attention, 1 epoch", {"fusion_attention": "joint", "epochs": 1}),
     "ce-all": ("CE + every seen name", {"ce_weight": 1.0, "num_negatives": 1000}),
+    "ce-all-score32": (
+        "CE + every seen name + scoring width 32",
+        {"ce_weight": 1.0, "num_negatives": 1000, "score_dim": 32},
+    ),
     "ce-score32-hard12": (
         "CE + 12 hard negatives + scoring width 32",
         {"ce_weight": 1.0, "hard_negatives": True, "num_negatives": 12, "score_dim": 32},
@@ -164,7 +171,7 @@ def _read(path: Path) -> list[dict[str, Any]]:
 def write_markdown(results: list[dict[str, Any]], path: Path, intro: str) -> None:
     from fusioner.io import atomic_write_text
 
-    sections = [intro.rstrip() + "\n"]
+    sections = [intro.rstrip() + "\n"]  # intro ends with MARKER
     ccp_cols = [
         "one_way_unseen",
         "one_way_seen",
