@@ -28,6 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from fusioner.io import read_json
+from fusioner.run import RunDir
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CCP_CONFIG = ROOT / "configs" / "folder" / "ccp.yaml"
@@ -124,14 +127,14 @@ def run_row(suite: str, row: str, seed: int, out: Path, threads: int | None) -> 
         model_dir = run_dir / "run"
         common = [f"out_dir={model_dir}", f"cache_dir={out / suite / 'cache'}"]
         cpu = 0.0
-        if not (model_dir / "train_state.json").is_file():
+        if not RunDir(model_dir).train_state.is_file():
             cpu += _run(
                 [*fusioner, "train", "--config", str(CCP_CONFIG), "--resume", *common, *overrides],
                 threads,
                 log,
             )
         cpu += _run([*fusioner, "eval", "--model", str(model_dir)], threads, log)
-        figures = _figures(json.loads((model_dir / "metrics.json").read_text()))
+        figures = _figures(RunDir(model_dir).read_metrics().data)
     else:
         values = {k: v for k, v in values.items() if k != "shuffle_names"}
         cpu = _run(
@@ -139,7 +142,7 @@ def run_row(suite: str, row: str, seed: int, out: Path, threads: int | None) -> 
             threads,
             log,
         )
-        report = json.loads((run_dir / "qs" / "report.json").read_text())
+        report = read_json(run_dir / "qs" / "report.json", "quickstart report")
         f, b = report["fusioner"], report["baseline"]
         figures = {
             "one_way_unseen": f["one_way_unseen_miou"],

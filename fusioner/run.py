@@ -71,20 +71,34 @@ class Metrics:
         """Generalized zero-shot figures; None on evaluation-only sets (which have ``n_way``)."""
         return self.data.get("gzss")
 
+    @property
+    def gzss_calibrated(self) -> dict[str, Any] | None:
+        """GZSS with the ``seen_bias`` chosen on val; None where there was nothing to calibrate."""
+        return self.data.get("gzss_calibrated")
+
     def headline(self) -> dict[str, float]:
-        """``miou``, ``fbiou`` (1-way) and, where evaluated, ``gzss_miou_seen / _unseen / _hiou``."""
+        """``miou``, ``fbiou`` (1-way) and, where evaluated, ``gzss_miou_seen / _unseen / _hiou`` and
+        the same of ``gzss_calibrated`` (``gzss_cal_*``)."""
         figures = {"miou": self.one_way["miou"], "fbiou": self.one_way["fbiou"]}
-        if self.gzss is not None:
-            figures.update({f"gzss_{k}": self.gzss[k] for k in ("miou_seen", "miou_unseen", "hiou")})
+        for prefix, gz in (("gzss", self.gzss), ("gzss_cal", self.gzss_calibrated)):
+            if gz is not None:
+                figures.update({f"{prefix}_{k}": gz[k] for k in ("miou_seen", "miou_unseen", "hiou")})
         return figures
 
     def line(self) -> str:
         """One line of the headline figures, as ``fusioner eval`` prints it."""
         one, gz = self.one_way, self.gzss
         line = f"1-way mIoU {one['miou']:.4f}  FB-IoU {one['fbiou']:.4f}"
+        if "one_way_seen" in self.data:
+            line += f"  (seen names {self.data['one_way_seen']['miou']:.4f})"
         if gz is not None:
             line += f"  |  GZSS seen {gz['miou_seen']:.4f} unseen {gz['miou_unseen']:.4f}"
             line += f" hIoU {gz['hiou']:.4f}"
+            cal = self.gzss_calibrated
+            if cal is not None:
+                chosen = cal.get("chosen_on", "?")
+                line += f"  |  calibrated (seen_bias {cal['seen_bias']:.2f}, chosen on {chosen})"
+                line += f" seen {cal['miou_seen']:.4f} unseen {cal['miou_unseen']:.4f} hIoU {cal['hiou']:.4f}"
         else:
             line += f"  |  n-way (each image's own names in one pass) mIoU {self.data['n_way']['miou']:.4f}"
         return line

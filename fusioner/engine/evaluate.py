@@ -28,6 +28,7 @@ from fusioner.engine.metrics import GZSSMeter, OneWayMeter
 from fusioner.inference import image_logits, labels_from_logits
 from fusioner.io import atomic_write_json
 from fusioner.model import FusionerModel
+from fusioner.run import RunDir
 
 # Seen-bias candidates, in cosine units (multiplied by the head's 1/temperature): 0 to 0.4.
 BIAS_GRID = tuple(i / 100 for i in range(41))
@@ -189,7 +190,7 @@ def evaluate_model(
     from fusioner.engine.cache import prepare_cache
 
     model = FusionerModel.from_pretrained(model_source)
-    run_config = Path(model_source) / "config.yaml"
+    run_config = RunDir(model_source).config
     if config_path is None and run_config.is_file():
         config_path = str(run_config)  # a run directory: evaluate on what it was trained for
     elif config_path is None:  # a bare model (e.g. from the Hub): its own input size, data from overrides
@@ -230,12 +231,8 @@ def evaluate_model(
     metrics["eval_split"] = config.eval_split
     metrics["model"] = str(model_source)
     metrics["config"] = config.to_dict()
-    target = (
-        Path(out)
-        if out
-        else (Path(model_source) if Path(model_source).is_dir() else Path(".")) / "metrics.json"
-    )
+    target = Path(out) if out else RunDir(model_source if Path(model_source).is_dir() else ".").metrics
     if target.suffix != ".json":
-        target = target / "metrics.json"
+        target = RunDir(target).metrics
     atomic_write_json(target, metrics)
     return target

@@ -7,7 +7,6 @@ head's weights alone; :meth:`FusionerModel.from_pretrained` rebuilds the adapter
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +21,7 @@ from fusioner.adapters import TextAdapter, VisionAdapter, create_text, create_vi
 from fusioner.adapters.prompts import resolve_templates
 from fusioner.errors import FusionerError
 from fusioner.inference import batch_logits, labels_from_logits
-from fusioner.io import atomic_write, atomic_write_json
+from fusioner.io import atomic_write, atomic_write_json, read_json
 from fusioner.model.head import FusionHead, HeadConfig
 
 CONFIG_NAME = "config.json"
@@ -135,7 +134,7 @@ class FusionerModel(nn.Module):
     def from_pretrained(cls, source: str | Path, **adapter_kwargs: Any) -> FusionerModel:
         """Load from a saved model folder, a run directory (``RUN/model``) or a Hub repo id."""
         folder = _resolve_model_folder(source)
-        record = json.loads((folder / CONFIG_NAME).read_text())
+        record = read_json(folder / CONFIG_NAME, "model config")
         vision = create_vision(
             record["vision"], record.get("vision_weights"), **adapter_kwargs.get("vision", {})
         )
@@ -165,8 +164,10 @@ class FusionerModel(nn.Module):
 
 
 def _resolve_model_folder(source: str | Path) -> Path:
+    from fusioner.run import RunDir  # run.py reads the model's file names: imported here, not at the top
+
     path = Path(source)
-    for folder in (path, path / "model"):
+    for folder in (path, RunDir(path).model):
         if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
             return folder
     if path.exists():
