@@ -277,12 +277,11 @@ def main() -> None:
     if not args.write_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(one, todo))
-    intro_path = HERE / "QUALITY_INTRO.md"
-    write_markdown(
-        _read(results_path),
-        Path(args.markdown),
-        intro_path.read_text() if intro_path.is_file() else "# Quality\n",
-    )
+    markdown = Path(args.markdown)
+    # The hand-written part (verdicts, what each row means) stays; the tables below MARKER are rewritten.
+    text = markdown.read_text() if markdown.is_file() else ""
+    intro = text.split(MARKER)[0] if MARKER in text else "# Quality\n\n"
+    write_markdown(_read(results_path), markdown, intro + MARKER)
 
 
 if __name__ == "__main__":
