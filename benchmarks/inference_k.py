@@ -99,7 +99,8 @@ def main() -> None:
     )  # fmt: skip
     lines = [
         f"Setup: {args.vision} ({args.vision_weights or 'default'} weights), "
-        f"head preset {args.preset}, {args.fusion_attention} attention, {args.decoder} decoder, text width {args.text_dim}, image {args.image_size}, "
+        f"head preset {args.preset}, {args.fusion_attention} attention, {args.decoder} decoder, "
+        f"text width {args.text_dim}, image {args.image_size}, "
         f"batch {args.batch_size}, "
         f"grid {out.grid[0]}x{out.grid[1]}; backbone {ms(backbone_s)} ms per batch (once per image in both "
         f"variants); medians of {args.repeats} after {args.warmup} warm-up.",
