@@ -49,15 +49,6 @@ def test_each_class_token_gets_its_own_mask():
     torch.testing.assert_close(a[:, [2, 1, 0]], b, atol=1e-5, rtol=1e-5)
 
 
-def test_k_names_in_one_pass_give_the_numbers_of_k_one_name_passes():
-    head = _head().eval()
-    tokens, text = torch.randn(2, 12, 24), torch.randn(2, 5, 20)
-    with torch.no_grad():
-        together = head(tokens, (3, 4), text, (24, 32))
-        alone = torch.cat([head(tokens, (3, 4), text[:, [j]], (24, 32)) for j in range(5)], dim=1)
-    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
-
-
 def test_fusion_mask_lets_names_read_patches_and_themselves_only():
     from fusioner.model.fusion import fusion_mask
 
