@@ -49,6 +49,11 @@ def _head_logits(model, tokens: Tensor, grid: tuple[int, int], text: Tensor) -> 
     return torch.cat(chunks, dim=1)
 
 
+def _square(image: Tensor, size: int) -> Tensor:
+    """``3 H W`` -> ``1 3 size size``, antialiased as the training resize."""
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def _encode(model, image: Tensor) -> tuple[Tensor, tuple[int, int]]:
     out = model.vision(image)
     return out.tokens, out.grid
@@ -60,10 +65,7 @@ def fixed_logits(model, image: Tensor, text: Tensor, size: int, tokens: Tensor |
     if tokens is not None:
         flat, grid = tokens.flatten(0, 1)[None], (tokens.shape[0], tokens.shape[1])
     else:
-        small = F.interpolate(
-            image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-        flat, grid = _encode(model, small)
+        flat, grid = _encode(model, _square(image, size))
     logits = _head_logits(model, flat, grid, text)  # at the decoder's resolution: resized once, here
     return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0]
 
@@ -114,13 +116,7 @@ def batch_logits(
     images = list(images)
     if mode != "fixed" or len(images) < 2:
         return [image_logits(model, im, text, size=size, mode=mode) for im in images]
-    small = torch.cat(
-        [
-            F.interpolate(im[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            for im in images
-        ]
-    )
-    out = model.vision(small)
+    out = model.vision(torch.cat([_square(im, size) for im in images]))
     gh, gw = out.grid
     grids = out.tokens.unflatten(1, (gh, gw))  # b gh gw c
     return [

@@ -256,7 +256,8 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
         raise FusionerError(
             f"{out_dir} already holds checkpoints: pass --resume to continue, or another out_dir"
         )
-    save_config(config, RunDir(out_dir).config)
+    run = RunDir(out_dir)
+    save_config(config, run.config)
 
     accelerator = Accelerator(
         mixed_precision=_precision(config),
@@ -313,7 +314,7 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
         step = read_json(ckpt / CHECKPOINT_STATE, "checkpoint state")["step"]
         log.info("resumed from %s (step %d)", ckpt, step)
     batches = accelerator.skip_first_batches(loader, step * config.grad_accum) if step else loader
-    loss_log = RunDir(out_dir).losses
+    loss_log = run.losses
     kept = (
         [ln for ln in loss_log.read_text().splitlines() if json.loads(ln)["step"] <= step]
         if step and loss_log.exists()
@@ -377,7 +378,7 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
     model.head = accelerator.unwrap_model(head)
     model.vision.to(device)  # the returned model is whole again, ready for evaluation
     if accelerator.is_main_process:
-        model.save_pretrained(RunDir(out_dir).model)
-        RunDir(out_dir).write_train_state(step, total)
+        model.save_pretrained(run.model)
+        run.write_train_state(step, total)
     accelerator.end_training()
     return TrainResult(out_dir, step, losses, model)
