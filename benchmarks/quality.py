@@ -3,7 +3,8 @@
 Every row is a real ``fusioner train`` + ``fusioner eval`` (or ``fusioner quickstart``) with the
 overrides it names on top of ``configs/folder/ccp.yaml`` (or the quickstart's own setting), run in a
 child process so rows share nothing but the feature cache. Finished rows are skipped, so a killed
-run resumes where it stopped. Writes ``<out>/results.jsonl`` and ``benchmarks/QUALITY.md``.
+run resumes where it stopped. Appends each row to ``benchmarks/quality_results.jsonl`` (the
+committed record) and rewrites ``benchmarks/QUALITY.md`` from it.
 
     python benchmarks/quality.py --suite ccp --rows landed ce ... --jobs 2      # ~6-20 min a row
     python benchmarks/quality.py --suite ccp --rows default default-shuffled --seeds 0 1 2
@@ -58,6 +59,9 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "hard12": ("12 hard negatives", {"hard_negatives": True, "num_negatives": 12}),
     "learned-t": ("learned temperature", {"learn_temperature": True}),
     "ce-hard12": ("CE + 12 hard negatives", {"ce_weight": 1.0, "hard_negatives": True, "num_negatives": 12}),
+    "clip-templates": ("80 CLIP prompt templates instead of 'a photo of a {}'", {"templates": "clip"}),
+    "img448": ("image 448 (28x28 token grid) instead of 320", {"image_size": 448}),
+    "e16": ("16 epochs instead of 8", {"epochs": 16}),
     "landed-e1": ("landed head, 1 epoch (the budget the joint row can afford)", {"epochs": 1}),
     "joint-e1": ("joint attention, 1 epoch", {"fusion_attention": "joint", "epochs": 1}),
     "ce-all": ("CE + every seen name", {"ce_weight": 1.0, "num_negatives": 1000}),
@@ -242,11 +246,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--markdown", default=str(HERE / "QUALITY.md"))
+    # The record is committed: rows measured by earlier sessions (runs/ is not) stay in QUALITY.md.
+    parser.add_argument("--results", default=str(HERE / "quality_results.jsonl"))
     parser.add_argument("--write-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
+    results_path = Path(args.results)
     done = {(r["suite"], r["row"], r["seed"]) for r in _read(results_path)}
     todo = [(args.suite, row, s) for row in args.rows for s in args.seeds if (args.suite, row, s) not in done]
     threads = 1 if args.jobs > 1 else None

@@ -28,7 +28,7 @@ from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 from fusioner.adapters import create_text, create_vision, list_text, list_vision
 from fusioner.adapters.base import TextAdapter, VisionAdapter
 from fusioner.adapters.open_clip import CLIP_ARCHS
-from fusioner.adapters.timm_vision import DINO_ARCHS, MOCOV3_ARCHS
+from fusioner.adapters.timm_vision import DINO_ARCHS, MOCOV3_ARCHS, TimmVision
 from fusioner.errors import ConfigError, FusionerError, UnknownNameError, WeightsError
 
 TINY_VIT = dict(embed_dim=32, depth=1, num_heads=2)
@@ -291,10 +291,18 @@ def test_efficientnet_lite0_tiny(tmp_path: Path) -> None:
     check_vision(adapter, 112, 16, has_cls=False)
     # Tokens are the stride-16 map of timm's own feature extractor, flattened row-major.
     x = torch.rand(1, 3, 48, 64)
-    expected = ref.eval().forward_intermediates(
-        (x - adapter.mean) / adapter.std, indices=[3], intermediates_only=True
-    )[0]
-    torch.testing.assert_close(adapter(x).tokens, expected.flatten(2).transpose(1, 2))
+    s16, s32 = ref.eval().forward_intermediates(
+        (x - adapter.mean) / adapter.std, indices=[3, 4], intermediates_only=True
+    )
+    torch.testing.assert_close(adapter(x).tokens, s16.flatten(2).transpose(1, 2))
+    # Stacked maps (benchmarks/feature_probe.py): the coarser one resized to the first one's grid.
+    stacked = TimmVision("stacked", adapter.model, feature_indices=(3, 4))
+    check_vision(stacked, 112 + 320, 16, has_cls=False)
+    s32 = torch.nn.functional.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(stacked(x).tokens, torch.cat([s16, s32], 1).flatten(2).transpose(1, 2))
+    # Which maps make the tokens is part of every feature cache key.
+    assert adapter.preprocessing["feature_indices"] == [3]
+    assert stacked.preprocessing["feature_indices"] == [3, 4]
     assert adapter.classify(torch.rand(2, 3, 64, 64)).shape == (2, 10)
     # Feature caches key on the fingerprint: it must cover every tensor, 0-d buffers included.
     fingerprint = adapter.fingerprint()

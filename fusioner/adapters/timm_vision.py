@@ -9,7 +9,7 @@ and loads strictly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fusioner.adapters import weights as W
 from fusioner.adapters.base import VisionAdapter, VisionOutput
@@ -31,18 +32,24 @@ class TimmVision(VisionAdapter):
 
     Tokens come from one of three places, fixed by the architecture: ViT-like models return their
     final (normed) token sequence minus the prefix (class / register) tokens; CNNs return their
-    last feature map, or the map of ``feature_index`` in ``model.feature_info`` when the last one
-    is too coarse. ``model`` keeps the whole network, head included (see :meth:`classify`).
+    last feature map, or, when the last one is too coarse, the maps of ``feature_indices`` in
+    ``model.feature_info`` stacked along channels: the first sets the grid, the coarser ones are
+    upsampled to it (a hypercolumn: mid-level detail beside the deeper, more semantic stage).
+    ``model`` keeps the whole network, head included (see :meth:`classify`).
     """
 
-    def __init__(self, name: str, model: nn.Module, *, feature_index: int | None = None) -> None:
+    def __init__(self, name: str, model: nn.Module, *, feature_indices: Sequence[int] = ()) -> None:
         info = model.feature_info
-        stage = info[feature_index] if feature_index is not None else info[-1]
-        embed_dim = stage["num_chs"] if feature_index is not None else model.num_features
+        self.feature_indices = tuple(feature_indices)
+        if list(self.feature_indices) != sorted(set(self.feature_indices)):
+            # timm returns the maps shallow first: the finest map, which sets the grid, comes first.
+            raise ValueError(f"{name}: feature_indices must increase, got {list(self.feature_indices)}")
+        stage = info[self.feature_indices[0]] if self.feature_indices else info[-1]
+        stacked = sum(info[i]["num_chs"] for i in self.feature_indices)
+        embed_dim = stacked if self.feature_indices else model.num_features
         cfg = model.pretrained_cfg
         super().__init__(name, embed_dim, int(stage["reduction"]), cfg["mean"], cfg["std"])
         self.model = model
-        self.feature_index = feature_index
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
         self.has_cls = getattr(model, "cls_token", None) is not None
         # CNNs run about 2x faster channels-last on CPUs (depthwise convs especially) and on GPUs
@@ -56,11 +63,14 @@ class TimmVision(VisionAdapter):
         cls = None
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.feature_index is not None:
-            (fmap,) = self.model.forward_intermediates(
-                x, indices=[self.feature_index], stop_early=True, intermediates_only=True
+        if self.feature_indices:
+            fmaps = self.model.forward_intermediates(
+                x, indices=list(self.feature_indices), stop_early=True, intermediates_only=True
             )
-            tokens = rearrange(fmap, "b c h w -> b (h w) c")
+            fmaps = [fmaps[0]] + [
+                F.interpolate(f, size=(gh, gw), mode="bilinear", align_corners=False) for f in fmaps[1:]
+            ]
+            tokens = rearrange(torch.cat(fmaps, dim=1), "b c h w -> b (h w) c")
         else:
             out = self.model.forward_features(x)
             if out.ndim == 3:  # b (p n) c: p prefix tokens, then patches in row-major order
@@ -76,6 +86,11 @@ class TimmVision(VisionAdapter):
                 f"(stride {self.patch_size}), got {tokens.shape[1]}; this timm model pads or crops its input"
             )
         return VisionOutput(tokens=tokens, grid=(gh, gw), cls=cls)
+
+    @property
+    def preprocessing(self) -> dict[str, object]:
+        # Which maps make the tokens changes them: part of the feature cache's key.
+        return {**super().preprocessing, "feature_indices": list(self.feature_indices)}
 
     def classify(self, images: Tensor) -> Tensor:
         """``b 3 h w`` in [0, 1] -> the full model's output ``b k`` (ImageNet logits when it has a head)."""
@@ -222,10 +237,12 @@ def build_efficientnet_lite0(weights: str | None = None, **kwargs: Any) -> TimmV
             skeleton = timm.create_model(arch, **kwargs)
         state_dict = W.efficientnet_lite_to_timm(name, raw, skeleton.state_dict())
     model = create_timm(name, arch, state_dict, path, **kwargs)
-    # Tokens come from the deepest stride-16 map (112 channels, 14x14 for 224 input): the stride-32
-    # maps are 7x7, too coarse to segment with.
-    stride16 = [i for i, f in enumerate(model.feature_info) if f["reduction"] == 16]
-    return TimmVision(name, model, feature_index=stride16[-1])
+    # Tokens come from the deepest stride-16 map (112 channels, 14x14 for a 224 input): the stride-32
+    # maps are 7x7, too coarse to segment with. Stacking the stride-32 map (320 ch, upsampled) beside
+    # it doubles a linear probe's CCP mIoU (0.030 -> 0.061) but left the fusion head's CCP and
+    # quickstart figures within seed noise at 1.4x the quickstart's time (benchmarks/QUALITY.md).
+    stride16 = max(i for i, f in enumerate(model.feature_info) if f["reduction"] == 16)
+    return TimmVision(name, model, feature_indices=(stride16,))
 
 
 @register_vision(
