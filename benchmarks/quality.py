@@ -76,7 +76,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # The chosen default (set from the table; configs/folder/ccp.yaml ships it) and its shuffled baseline.
 DEFAULT: dict[str, Any] = {}
-ROWS["default"] = ("chosen default (configs/folder/ccp.yaml as shipped)", DEFAULT)
+ROWS["default"] = ("chosen default (configs/folder/ccp.yaml, or the quickstart, as shipped)", DEFAULT)
 ROWS["default-shuffled"] = (
     "chosen default, seen names' embeddings shuffled",
     {**DEFAULT, "shuffle_names": True},
@@ -175,6 +175,11 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def _cell(value: float | None, fmt: str) -> str:
+    """A figure, or n/a where the row did not record it (rows transcribed from earlier records)."""
+    return "n/a" if value is None or math.isnan(value) else format(value, fmt)
+
+
 def write_markdown(results: list[dict[str, Any]], path: Path, intro: str) -> None:
     from fusioner.io import atomic_write_text
 
@@ -208,16 +213,12 @@ def write_markdown(results: list[dict[str, Any]], path: Path, intro: str) -> Non
         sections.append("| row | seed | what | " + " | ".join(cols) + " | wall s | threads |")
         sections.append("|" + "---|" * (len(cols) + 5))
         for r in rows:
-            cells = [
-                f"{r['figures'].get(c, math.nan):.3f}"
-                if c != "command_s"
-                else f"{r['figures'].get(c, 0):.0f}"
-                for c in cols
-            ]
+            cells = [_cell(r["figures"].get(c), ".0f" if c == "command_s" else ".3f") for c in cols]
             sections.append(
                 f"| {r['row']} | {r['seed']} | {r['what']} | "
                 + " | ".join(cells)
-                + f" | {r['wall_s']:.0f} | {r['threads']} |"
+                + (f" | {r['wall_s']:.0f}" if r["wall_s"] is not None else " | n/a")
+                + f" | {r['threads']} |"
             )
         by_row: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
@@ -231,7 +232,9 @@ def write_markdown(results: list[dict[str, Any]], path: Path, intro: str) -> Non
                 cells = []
                 for c in cols:
                     vals = [r["figures"].get(c, math.nan) for r in rs]
-                    cells.append(f"{sum(vals) / len(vals):.3f} ± {max(vals) - min(vals):.3f}")
+                    vals = [math.nan if v is None else v for v in vals]
+                    mean, spread = sum(vals) / len(vals), max(vals) - min(vals)
+                    cells.append("n/a" if math.isnan(mean) else f"{mean:.3f} ± {spread:.3f}")
                 sections.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
     atomic_write_text(path, "\n".join(sections) + "\n")
 
