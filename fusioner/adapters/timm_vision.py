@@ -239,7 +239,7 @@ def build_efficientnet_lite0(weights: str | None = None, **kwargs: Any) -> TimmV
     model = create_timm(name, arch, state_dict, path, **kwargs)
     # Tokens come from the deepest stride-16 map (112 channels, 14x14 for a 224 input): the stride-32
     # maps are 7x7, too coarse to segment with. Stacking the stride-32 map (320 ch, upsampled) beside
-    # it doubles a linear probe's CCP mIoU (0.030 -> 0.061) but left the fusion head's CCP and
+    # it doubles a linear probe's CCP mIoU (0.030 -> 0.056) but left the fusion head's CCP and
     # quickstart figures within seed noise at 1.4x the quickstart's time (benchmarks/QUALITY.md).
     stride16 = max(i for i, f in enumerate(model.feature_info) if f["reduction"] == 16)
     return TimmVision(name, model, feature_indices=(stride16,))
