@@ -32,6 +32,7 @@ from fusioner.adapters.timm_vision import TimmVision
 from fusioner.data.folder import FolderDataset
 from fusioner.data.transforms import resize
 from fusioner.engine.metrics import GZSSMeter
+from fusioner.errors import FusionerError
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,12 +82,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    vision = create_vision(args.vision).eval()
-    if args.feature_indices is not None:
-        if not isinstance(vision, TimmVision):
-            parser.error(f"--feature-indices: {args.vision} is not a timm CNN")
-        vision = TimmVision(vision.name, vision.model, feature_indices=args.feature_indices).eval()
-    train, test = FolderDataset(args.data, "train"), FolderDataset(args.data, "test")
+    try:
+        vision = create_vision(args.vision).eval()
+        if args.feature_indices is not None:
+            if not isinstance(vision, TimmVision):
+                parser.error(f"--feature-indices: {args.vision} is not a timm CNN")
+            vision = TimmVision(vision.name, vision.model, feature_indices=args.feature_indices).eval()
+        train, test = FolderDataset(args.data, "train"), FolderDataset(args.data, "test")
+    except (FusionerError, ValueError) as e:
+        parser.error(str(e))
     names = train.vocabulary
     start = time.process_time()
     x_train, y_train = encode(vision, train, args.image_size)

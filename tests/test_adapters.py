@@ -305,6 +305,8 @@ def test_efficientnet_lite0_tiny(tmp_path: Path) -> None:
     assert stacked.preprocessing["feature_indices"] == [3, 4]
     with pytest.raises(ValueError, match="must increase"):  # the finest map comes first: it sets the grid
         TimmVision("reversed", adapter.model, feature_indices=(4, 3))
+    with pytest.raises(ValueError, match="out of range; the model has 5 feature maps"):
+        TimmVision("too deep", adapter.model, feature_indices=(3, 9))
     assert adapter.classify(torch.rand(2, 3, 64, 64)).shape == (2, 10)
     # Feature caches key on the fingerprint: it must cover every tensor, 0-d buffers included.
     fingerprint = adapter.fingerprint()

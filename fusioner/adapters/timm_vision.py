@@ -44,6 +44,11 @@ class TimmVision(VisionAdapter):
         if list(self.feature_indices) != sorted(set(self.feature_indices)):
             # timm returns the maps shallow first: the finest map, which sets the grid, comes first.
             raise ValueError(f"{name}: feature_indices must increase, got {list(self.feature_indices)}")
+        if any(not 0 <= i < len(info) for i in self.feature_indices):
+            raise ValueError(
+                f"{name}: feature_indices {list(self.feature_indices)} out of range; the model has "
+                f"{len(info)} feature maps (0-{len(info) - 1}, strides {[f['reduction'] for f in info]})"
+            )
         stage = info[self.feature_indices[0]] if self.feature_indices else info[-1]
         stacked = sum(info[i]["num_chs"] for i in self.feature_indices)
         embed_dim = stacked if self.feature_indices else model.num_features
