@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,16 @@ from typing import Any
 import yaml
 
 from fusioner.errors import ConfigError
+
+# Numeric ranges, checked when a Config is built. dim / depth / heads = 0 mean "the preset's".
+_POSITIVE = ("temperature", "lr", "mlp_ratio")
+_AT_LEAST_ONE = (
+    "batch_size", "epochs", "checkpoint_every", "log_every", "grad_accum", "eval_batch_size", "image_size",
+)  # fmt: skip
+_NON_NEGATIVE = (
+    "dim", "depth", "heads", "score_dim", "num_negatives", "dice_weight", "ce_weight", "max_steps",
+    "weight_decay", "warmup_steps", "clip_grad", "num_workers", "fold",
+)  # fmt: skip
 
 
 @dataclass
@@ -81,6 +92,7 @@ class Config:
     eval_batch_size: int = 8
 
     def __post_init__(self) -> None:
+        self._check_ranges()
         presets = {"base": (512, 12, 8), "small": (256, 4, 8), "tiny": (64, 1, 2)}
         if self.preset not in presets:
             raise ConfigError(
@@ -112,6 +124,24 @@ class Config:
                 raise ConfigError(
                     f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                 )
+
+    def _check_ranges(self) -> None:
+        """Refuse numeric values no run can use, before anything loads or writes (``temperature=0``
+        once trained an all-NaN model that exited 0)."""
+        for key in dataclasses.asdict(self):
+            value = getattr(self, key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
+        rules = [
+            (_POSITIVE, lambda v: v > 0, "greater than 0"),
+            (_AT_LEAST_ONE, lambda v: v >= 1, "at least 1"),
+            (_NON_NEGATIVE, lambda v: v >= 0, "0 or more"),
+            (("threshold",), lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+        ]
+        for keys, ok, expected in rules:
+            for key in keys:
+                if not ok(getattr(self, key)):
+                    raise ConfigError(f"config key {key!r}: expected {expected}, got {getattr(self, key)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from fusioner.config import Config, load_config
@@ -62,3 +64,30 @@ def test_shipped_configs_load():
     for path in configs:
         if path.parent.name != "sweeps":
             load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("temperature=0", "'temperature': expected greater than 0, got 0.0"),
+        ("lr=nan", "'lr': expected a finite number, got nan"),
+        ("lr=-1e-3", "'lr': expected greater than 0"),
+        ("threshold=1", "'threshold': expected between 0 and 1 (exclusive), got 1.0"),
+        ("batch_size=-2", "'batch_size': expected at least 1, got -2"),
+        ("image_size=0", "'image_size': expected at least 1, got 0"),
+        ("epochs=-1", "'epochs': expected at least 1, got -1"),
+        ("eval_batch_size=0", "'eval_batch_size': expected at least 1"),
+        ("dice_weight=-0.5", "'dice_weight': expected 0 or more, got -0.5"),
+        ("num_negatives=-1", "'num_negatives': expected 0 or more"),
+        ("fold=-1", "'fold': expected 0 or more"),
+    ],
+)
+def test_numeric_keys_out_of_range_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_numeric_edges_that_runs_use_are_accepted():
+    edges = ["num_negatives=0", "dice_weight=0", "max_steps=0", "threshold=0.01", "lr=1e-6"]
+    config = load_config(None, edges)
+    assert (config.num_negatives, config.dice_weight, config.threshold) == (0, 0.0, 0.01)

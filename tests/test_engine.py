@@ -13,6 +13,7 @@ from fusioner.config import load_config
 from fusioner.engine import train as train_module
 from fusioner.engine.cache import CorruptShardError, FeatureCache, cache_key, fill_cache
 from fusioner.engine.train import train
+from fusioner.errors import FusionerError
 
 
 def _config(voc_folder, tmp_path, name, **kw):
@@ -49,6 +50,25 @@ def test_train_then_eval_end_to_end(voc_folder, tmp_path):
     assert set(metrics["one_way"]["per_class"]) == {"cow", "sheep"}
     for value in (metrics["one_way"]["miou"], metrics["one_way"]["fbiou"], metrics["gzss"]["hiou"]):
         assert 0.0 <= value <= 1.0
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    voc_folder, tmp_path, monkeypatch
+):
+    real_loss, calls = train_module.mask_loss, {"n": 0}
+
+    def nan_on_step_three(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_module, "mask_loss", nan_on_step_three)
+    out = tmp_path / "diverged"
+    message = r"the loss is nan at step 3; last good checkpoint: .*step-00000002"
+    with pytest.raises(FusionerError, match=message):
+        train(_config(voc_folder, tmp_path, "diverged", max_steps=6, checkpoint_every=2))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    assert not (out / "model").exists()  # no model is written from a diverged run
 
 
 def test_resume_after_a_kill_ends_with_the_same_weights(voc_folder, tmp_path, monkeypatch):

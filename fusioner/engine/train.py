@@ -350,6 +350,13 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
                     config.dice_weight,
                     config.ce_weight,
                 )
+                if not torch.isfinite(loss):
+                    # Stop before the update: the last checkpoint on disk stays the last good one.
+                    last = latest_checkpoint(out_dir)
+                    raise FusionerError(
+                        f"training diverged: the loss is {loss.item()} at step {step + 1}; "
+                        f"last good checkpoint: {last or 'none yet'} (try a lower lr or a larger temperature)"
+                    )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.clip_grad > 0:
                     accelerator.clip_grad_norm_(head.parameters(), config.clip_grad)
