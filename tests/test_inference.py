@@ -78,6 +78,14 @@ def test_predict_refuses_a_wrong_shape(voc_folder, tmp_path):
         _model(voc_folder, tmp_path).predict(torch.rand(64, 64), ["cat"])
 
 
+def test_predict_refuses_pixels_outside_0_1(voc_folder, tmp_path):
+    model = _model(voc_folder, tmp_path)
+    with pytest.raises(FusionerError, match=r"image 0: values run from 0 to 255; expected \[0, 1\]"):
+        model.predict(torch.tensor([0.0, 255.0, 9.0])[:, None, None].expand(3, 32, 32), ["cat"])
+    with pytest.raises(FusionerError, match=r"image 1: expected a float tensor in \[0, 1\], got torch.uint8"):
+        model.predict([torch.rand(3, 32, 32), torch.zeros(3, 32, 32, dtype=torch.uint8)], ["cat"])
+
+
 def test_batched_logits_equal_one_image_at_a_time(voc_folder, tmp_path):
     model = _model(voc_folder, tmp_path)
     images = [torch.rand(3, 50, 70), torch.rand(3, 90, 40)]

@@ -28,6 +28,20 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def _check_pixels(images: Tensor | Sequence[Tensor]) -> None:
+    """Refuse 8-bit or 0-255 images: scaled wrongly they still give (meaningless) masks."""
+    # A 4-d batch iterates image by image, so the message names the image as a list would.
+    for i, image in enumerate([images] if isinstance(images, Tensor) and images.ndim != 4 else images):
+        if not isinstance(image, Tensor) or not image.is_floating_point():
+            kind = image.dtype if isinstance(image, Tensor) else type(image).__name__
+            raise FusionerError(f"image {i}: expected a float tensor in [0, 1], got {kind}")
+        if image.numel() and (image.min() < 0 or image.max() > 1):
+            raise FusionerError(
+                f"image {i}: values run from {image.min().item():g} to {image.max().item():g}; "
+                "expected [0, 1] (divide 8-bit images by 255)"
+            )
+
+
 class FusionerModel(nn.Module):
     """Frozen vision and text adapters + a trainable :class:`FusionHead`.
 
@@ -86,6 +100,7 @@ class FusionerModel(nn.Module):
         ``sliding`` (``image_size`` windows at the image's own resolution), see fusioner/inference.py.
         """
         device = next(self.head.parameters()).device
+        _check_pixels(images)
         text = self.text(list(names)).to(device)
         if isinstance(images, Tensor) and images.ndim == 3:
             return batch_logits(self, [images.to(device)], text, size=self.image_size, mode=mode)[0]
