@@ -169,3 +169,20 @@ def test_a_dataset_without_a_test_split_says_so(voc_folder):
     split.name = "pascal5i"
     with pytest.raises(FusionerError, match="pascal5i has no test split apart from val"):
         split.evaluation_set("test")
+
+
+def test_a_split_without_unseen_names_reports_1_way_as_undefined_with_a_warning(voc_folder, tmp_path, caplog):
+    from fusioner.data import build_split
+
+    model = _model(voc_folder, tmp_path)
+    split = build_split(
+        load_config(None, dataset="folder", data_path=str(voc_folder), unseen_classes=["cow", "sheep"])
+    )
+    settings = EvalSettings(64)
+    with caplog.at_level("WARNING", logger="fusioner.engine.evaluate"):
+        # The cow and sheep images are all in val: train holds no unseen name.
+        metrics = evaluate(
+            model, split.train, seen=split.seen, unseen=split.unseen, settings=settings, progress=False
+        )
+    assert math.isnan(metrics["one_way"]["miou"]) and math.isnan(metrics["one_way"]["per_class"]["cow"])
+    assert "no image of this split holds an unseen name (cow, sheep)" in caplog.text

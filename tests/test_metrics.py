@@ -75,6 +75,8 @@ def test_one_way_refuses_bad_input():
         OneWayMeter(["cat", "cat"])
     nothing_held_out = OneWayMeter([]).compute()  # a folder split without unseen classes
     assert math.isnan(nothing_held_out["miou"]) and nothing_held_out["per_class"] == {}
+    never_present = OneWayMeter(["cat"]).compute()  # held out, but no image holds it: undefined, not 0
+    assert math.isnan(never_present["miou"]) and math.isnan(never_present["per_class"]["cat"])
 
 
 def test_one_way_agrees_with_torchmetrics():

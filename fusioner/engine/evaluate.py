@@ -14,6 +14,7 @@ name independently of the others asked with it, so one pass gives every protocol
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from fusioner.inference import image_logits, labels_from_logits
 from fusioner.io import atomic_write_json
 from fusioner.model import FusionerModel
 from fusioner.run import RunDir
+
+log = logging.getLogger(__name__)
 
 # Seen-bias candidates, in cosine units (multiplied by the head's 1/temperature): 0 to 0.4.
 BIAS_GRID = tuple(i / 100 for i in range(41))
@@ -127,6 +130,11 @@ def evaluate(
             labels = labels_from_logits(logits[None], settings.threshold, seen_bias=seen_bias, seen=is_seen)
             calibrated.update(labels[0], target)
 
+    if unseen and not one_way.pairs.any():
+        log.warning(
+            "no image of this split holds an unseen name (%s): the 1-way unseen mIoU is undefined (NaN)",
+            ", ".join(unseen),
+        )
     if not seen:
         return {"one_way": one_way.compute(), "n_way": multi.compute()}
     metrics = {"one_way": one_way.compute(), "one_way_seen": one_way_seen.compute(), "gzss": multi.compute()}

@@ -40,7 +40,7 @@ class OneWayMeter:
     IoUs. As in HSNet a union of zero is clamped to one, so a class that was never evaluated
     counts as IoU 0 in the mean instead of being skipped: give only the classes the test set
     holds, and a missing class shows up as a low score rather than a silently easier mean.
-    With no classes at all (nothing held out) both scores are NaN.
+    With no classes at all (nothing held out), or no pair evaluated at all, both scores are NaN.
     """
 
     def __init__(self, class_names: Sequence[str]) -> None:
@@ -82,6 +82,10 @@ class OneWayMeter:
     def compute(self) -> dict[str, float | dict[str, float]]:
         if not self.class_names:
             return {"miou": math.nan, "fbiou": math.nan, "per_class": {}}
+        if not self.pairs.any():
+            # No image held any of these classes: the score is undefined, not 0 (callers warn).
+            undefined = dict.fromkeys(self.class_names, math.nan)
+            return {"miou": math.nan, "fbiou": math.nan, "per_class": undefined}
         inter, union = self.intersection.double(), self.union.double()
         iou = inter / union.clamp(min=1)  # (bg, fg) k
         fb = inter.sum(1) / union.sum(1).clamp(min=1)  # (bg, fg)
