@@ -30,10 +30,10 @@ from fusioner.data.registry import register_dataset
 from fusioner.data.splits import (
     ListDataset,
     Split,
-    drop_images_with,
     read_name_list,
     seeded_val_names,
     split_names,
+    training_subset,
 )
 from fusioner.errors import ConfigError, DataError
 
@@ -146,8 +146,9 @@ def build_folder(config: Config) -> Split:
         raise ConfigError("config key 'data_path' is empty; set it to the dataset folder")
     train = FolderDataset(config.data_path, "train")
     seen, unseen = split_names(train.vocabulary, config.unseen_classes, train.label_source)
-    if config.drop_unseen_images and unseen:
-        train = drop_images_with(train, unseen)
+    # The rule PASCAL-5i / COCO-20i follow (data/splits.py): an image without a seen class would be
+    # all background once the held-out names are mapped away.
+    train = training_subset(train, seen, unseen, drop_unseen_images=config.drop_unseen_images)
     # The test split is opened only when asked for: a folder without splits/test.txt is fine otherwise.
     test = FolderDataset(config.data_path, "test") if config.eval_split == "test" else None
     return Split(
