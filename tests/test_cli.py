@@ -60,10 +60,13 @@ def test_predict_writes_overlay_label_map_and_legend(run_dir, tmp_path, voc_fold
         ),
         (["eval", "--model", "RUN", "--bogus", "1"], "unknown config key 'bogus'"),
         (["eval", "--model", "not a model"], "neither a local folder nor a Hub repo id"),
+        # A mistyped run folder whose parent exists is a local path, not a failed Hub fetch.
+        (["eval", "--model", "MISTYPED"], "model folder"),
     ],
 )
 def test_user_errors_are_one_line(argv, message, run_dir, tmp_path, capsys):
-    argv = [str(run_dir) if a == "RUN" else str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    stand_ins = {"RUN": str(run_dir), "OUT": str(tmp_path / "o"), "MISTYPED": str(run_dir) + "-typo"}
+    argv = [stand_ins.get(a, a) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err

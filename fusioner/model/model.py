@@ -187,6 +187,9 @@ def _resolve_model_folder(source: str | Path) -> Path:
             return folder
     if path.exists():
         raise FusionerError(f"{path} holds no finished fusioner model ({CONFIG_NAME} + {WEIGHTS_NAME})")
+    if str(source).startswith((".", "/", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        # "runs/quikstart" names a local folder (its parent exists here), not a Hub repo.
+        raise FusionerError(f"model folder {path} does not exist")
     if str(source).count("/") != 1:
         raise FusionerError(f"model {source!r} is neither a local folder nor a Hub repo id 'namespace/name'")
     from huggingface_hub import snapshot_download
