@@ -31,6 +31,7 @@ from fusioner.adapters import create_vision
 from fusioner.adapters.timm_vision import TimmVision
 from fusioner.data.folder import FolderDataset
 from fusioner.data.transforms import resize
+from fusioner.engine.losses import resize_labels
 from fusioner.engine.metrics import GZSSMeter
 from fusioner.errors import FusionerError
 
@@ -44,8 +45,7 @@ def encode(vision, dataset: FolderDataset, size: int) -> tuple[Tensor, Tensor]:
         sample = resize(dataset[i], size)
         out = vision(sample["image"][None])
         tokens.append(rearrange(out.tokens, "1 (h w) c -> 1 c h w", h=out.grid[0]).half())
-        small = F.interpolate(sample["mask"][None, None].float(), size=(size // 4,) * 2, mode="nearest-exact")
-        masks.append(small[0, 0].to(torch.uint8))
+        masks.append(resize_labels(sample["mask"][None], (size // 4,) * 2)[0].to(torch.uint8))
     return torch.cat(tokens), torch.stack(masks)
 
 
