@@ -1,31 +1,49 @@
-"""CLIP towers from open_clip: dense patch tokens from the image tower, class embeddings from the text tower.
+"""open_clip towers: dense patch tokens from the image tower, class embeddings from the text tower.
 
-Both towers of one entry load the same open_clip checkpoint (OpenAI's weights by default) and keep
-only their half. Keyword overrides are merged into open_clip's model config (nested dicts merge
-key by key, e.g. ``vision_cfg=dict(layers=1)``), which is how tests build tiny CLIPs.
+Named entries (``clip_vitb16``, ``siglip2_vitb16``, ...) and the family
+``open_clip:<architecture>/<pretrained tag>`` (``open_clip:ViT-B-16-SigLIP2/webli``) take one road:
+the architecture's open_clip config, the tag's preprocessing and default weights (its Hub repo or
+URL), one checkpoint for both towers, each adapter keeping its half. Keyword overrides are merged
+into open_clip's model config (nested dicts merge key by key, e.g. ``vision_cfg=dict(layers=1)``);
+``trunk=dict(...)`` overrides the architecture of a timm image tower, which open_clip's config
+cannot resize. That is how the tests build tiny models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import difflib
+import logging
+import posixpath
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import open_clip
+import timm
 import torch
 from einops import rearrange
+from open_clip.timm_model import TimmModel
+from open_clip.tokenizer import HFTokenizer
 from open_clip.transformer import VisionTransformer
-from timm.layers import resample_abs_pos_embed
+from timm.layers import AttentionPoolLatent, resample_abs_pos_embed
 from torch import Tensor, nn
 
 from fusioner.adapters import weights as W
 from fusioner.adapters.base import TextAdapter, VisionAdapter, VisionOutput
+from fusioner.adapters.hf_text import TOKENIZER_FILES
 from fusioner.adapters.prompts import resolve_templates
 from fusioner.adapters.registry import register_text, register_vision
-from fusioner.errors import ConfigError
+from fusioner.errors import ConfigError, UnknownNameError, WeightsError
 
 CLIP_ARCHS = {"clip_vitb16": "ViT-B-16", "clip_vitb32": "ViT-B-32", "clip_vitl14": "ViT-L-14"}
-_TAG = "openai"
+# Every named entry: name -> (open_clip architecture, pretrained tag). Each has a vision and a
+# ``_text`` entry.
+OPEN_CLIP_MODELS: dict[str, tuple[str, str]] = {
+    **{name: (arch, "openai") for name, arch in CLIP_ARCHS.items()},
+    "siglip2_vitb16": ("ViT-B-16-SigLIP2", "webli"),
+}
 # open_clip's Hub file names, safetensors first.
 _CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _TEXT_BATCH = 256  # texts per forward pass; the 80-template ensemble of a large vocabulary is 10k+
@@ -41,32 +59,159 @@ def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
     return out
 
 
+def _closest_first(word: str, choices: Sequence[str]) -> list[str]:
+    ratio = {c: difflib.SequenceMatcher(None, word.lower(), c.lower()).ratio() for c in choices}
+    return sorted(choices, key=lambda c: (-ratio[c], c))
+
+
+def parse_model_id(model_id: str) -> tuple[str, str]:
+    """``"<architecture>/<pretrained tag>"`` -> both, checked against open_clip's offline tables.
+
+    Raises :class:`UnknownNameError` listing the known architectures (or the architecture's known
+    tags), closest to what was written first.
+    """
+    arch, _, tag = model_id.partition("/")
+    where = f"open_clip:{model_id}"
+    archs = open_clip.list_models()
+    if arch not in archs:
+        raise UnknownNameError(
+            f"unknown open_clip architecture {arch!r} (in {where!r}); known, closest first: "
+            f"{', '.join(_closest_first(arch, archs))}"
+        )
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag not in tags:
+        known = ", ".join(_closest_first(tag, tags)) if tags else "none (open_clip ships no weights for it)"
+        raise UnknownNameError(
+            f"open_clip {arch} has no pretrained tag {tag!r} (in {where!r}; write open_clip:{arch}/<tag>); "
+            f"known tags, closest first: {known}"
+        )
+    return arch, tag
+
+
+def default_source(name: str, arch: str, tag: str) -> tuple[str, tuple[str, ...]]:
+    """Where open_clip's table says the weights of ``arch`` / ``tag`` live, and the file names to try."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        # open_clip's convention: "org/repo/" (its default file names) or "org/repo/file".
+        repo, filename = posixpath.split(hub)
+        return f"hf-hub:{repo}", (filename,) if filename else _CLIP_FILES
+    if cfg.get("url"):
+        return cfg["url"], _CLIP_FILES
+    raise WeightsError(f"{name}: open_clip lists no download for {arch} / {tag}; pass weights=/path/to/file")
+
+
+def _rebuild_trunk(name: str, visual: TimmModel, trunk_name: str, overrides: Mapping[str, Any]) -> None:
+    """Replace a timm image tower by the same model built with ``dynamic_img_size`` (and ``overrides``).
+
+    open_clip builds its timm towers for their training size only; timm's own constructor is the
+    one place that switches a model to any input size (position table resampled per input, patch
+    embedding not strict), so the tower is rebuilt through it before any weights are loaded.
+    """
+    old = visual.trunk
+    if not hasattr(old, "patch_embed"):
+        raise ConfigError(
+            f"{name}: dense tokens need a ViT-like timm image tower; {trunk_name} "
+            f"({type(old).__name__}) is not one"
+        )
+    kwargs = {"num_classes": old.num_classes, "global_pool": old.global_pool, **overrides}
+    try:
+        visual.trunk = timm.create_model(trunk_name, pretrained=False, dynamic_img_size=True, **kwargs)
+    except TypeError as e:
+        raise ConfigError(
+            f"{name}: the timm image tower {trunk_name} cannot take dynamic_img_size or {sorted(overrides)} "
+            f"({e}); dense tokens need a ViT-like tower"
+        ) from e
+
+
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """Drop open_clip's "initialized randomly" warning (it logs to the root logger) while building."""
+    root, quiet = logging.getLogger(), _NoRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def create_clip(
-    name: str, arch: str, weights: str | None, overrides: Mapping[str, Any]
-) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """The open_clip model of ``arch`` with ``overrides`` and its weights; also its config and tag config."""
-    tag_cfg = open_clip.get_pretrained_cfg(arch, _TAG)
+    name: str,
+    arch: str,
+    tag: str,
+    weights: str | None,
+    overrides: Mapping[str, Any],
+    *,
+    trunk: Mapping[str, Any] | None = None,
+    text_only: bool = False,
+) -> tuple[nn.Module, dict[str, Any], Path | None]:
+    """The open_clip model of ``arch`` with ``overrides`` and its weights (default: ``tag``'s).
+
+    ``trunk`` (vision only): rebuild a timm image tower for any input size, with these timm
+    overrides. ``text_only``: the image tower is replaced by ``nn.Identity`` before loading and
+    its tensors are skipped (the text tower still loads strictly). Returns the model, its merged
+    config and the checkpoint file (None for random weights).
+    """
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
     # OpenAI's CLIPs were trained with QuickGELU; open_clip's plain configs use nn.GELU.
     cfg = _merge(
         {**open_clip.get_model_config(arch), "quick_gelu": tag_cfg.get("quick_gelu", False)}, overrides
     )
-    if weights == W.RANDOM:
-        return open_clip.create_model(arch, pretrained=None, **cfg).eval(), cfg, tag_cfg
-    source = weights or f"hf-hub:{tag_cfg['hf_hub'].strip('/')}"
-    path = W.resolve_file(name, source, names=_CLIP_FILES)
+    path = None
+    if weights != W.RANDOM:
+        # Found (or downloaded) before the model is built: a missing file fails in milliseconds.
+        source, names = (weights, _CLIP_FILES) if weights else default_source(name, arch, tag)
+        path = W.resolve_file(name, source, names=names)
+    # create_model reads custom_text (which model class) from its own config, and refuses it as an
+    # override. It would also log "initialized randomly" about weights that load just below.
+    with _quiet_open_clip():
+        model = open_clip.create_model(
+            arch, pretrained=None, **{k: v for k, v in cfg.items() if k != "custom_text"}
+        )
+    if trunk is not None:
+        if isinstance(model.visual, TimmModel):
+            _rebuild_trunk(name, model.visual, cfg["vision_cfg"]["timm_model_name"], trunk)
+        elif trunk:
+            raise ConfigError(f"{name}: trunk= overrides a timm image tower; {arch}'s is open_clip's own")
+    # big_vision .npz files are converted tower by tower into the model: keep the image tower there.
+    skip_visual = text_only and (path is None or path.suffix not in (".npz", ".npy"))
+    if skip_visual:
+        # The image tower is most of the memory, and a text adapter never runs it.
+        model.visual = nn.Identity()
+    if path is None:
+        return model.eval(), cfg, None
+    part = "'s text tower" if text_only else ""
+    target = f"open_clip {arch}{part} with the given overrides"
     try:
-        # pretrained=<file> goes through open_clip's own loader: format conversions, position
-        # embedding resizing, strict loading.
-        model = open_clip.create_model(arch, pretrained=str(path), **cfg)
+        # open_clip's own loader: format conversions (OpenAI, big_vision), position embedding
+        # resizing, strict loading (for a text tower, strict below but for the image tower's keys).
+        result = open_clip.load_checkpoint(model, str(path), strict=not skip_visual)
     except RuntimeError as e:
         if W.is_load_error(e):
-            raise W.load_error(name, path, f"open_clip {arch} with the given overrides", e) from e
+            raise W.load_error(name, path, target, e) from e
         raise
-    return model.eval(), cfg, tag_cfg
+    if skip_visual:
+        unexpected = [k for k in result.unexpected_keys if not k.startswith("visual.")]
+        if result.missing_keys or unexpected:
+            raise WeightsError(
+                f"{name}: the weights in {path} do not fit {target}: missing {result.missing_keys[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+    return model.eval(), cfg, path
+
+
+def _preprocessing(arch: str, tag: str) -> tuple[Sequence[float], Sequence[float]]:
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    return cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), cfg.get("std", open_clip.OPENAI_DATASET_STD)
 
 
 class OpenClipVision(VisionAdapter):
-    """The image tower of a CLIP ViT, returning every patch token in the joint image-text space.
+    """The image tower of an open_clip ViT, returning every patch token in the joint image-text space.
 
     Patch tokens get the same ``ln_post`` and projection as the class token (MaskCLIP-style dense
     features), so they compare with text embeddings just like the pooled image embedding, which
@@ -106,8 +251,82 @@ class OpenClipVision(VisionAdapter):
         return VisionOutput(tokens=x[:, 1:], grid=(gh, gw), cls=x[:, 0])
 
 
+def dense_attention_pool(pool: AttentionPoolLatent, x: Tensor) -> Tensor:
+    """``b n c`` tokens -> ``b n d``: each token through ``pool`` as if it were the only token.
+
+    With a single key the latent query's softmax is 1, so the pool's output for one token is that
+    token's value, then the out projection and the pool's residual MLP (position-wise, so it applies
+    per token unchanged). The query and keys, which only decide how tokens are mixed, drop out. This
+    is MaskCLIP's recipe for CLIP's attention pool (value + out projection per token, Zhou et al.,
+    ECCV 2022) carried to SigLIP's MAP head; keeping the MLP residual leaves the tokens in the space
+    the pooled image embedding (and so the text embeddings) live in. An image of one repeated token
+    pools to exactly that token's dense output.
+    """
+    value = pool.kv(x)[..., pool.kv.out_features // 2 :]  # b n c: kv is [keys | values], heads inside
+    x = pool.proj_drop(pool.proj(value))
+    if pool.mlp is not None:
+        x = x + pool.mlp(pool.norm(x))
+    return x
+
+
+class OpenClipTimmVision(VisionAdapter):
+    """An open_clip image tower with a timm ViT trunk (SigLIP, SigLIP2, EVA, ...) giving dense tokens.
+
+    The trunk's final tokens minus its prefix (class / register) tokens go through the tower's head
+    one token at a time: the MAP attention pool as :func:`dense_attention_pool`, then the trunk's
+    ``fc_norm`` and ``head`` and open_clip's projection, so the tokens live where the pooled image
+    embedding does. ``cls`` is that pooled embedding (open_clip's ``encode_image`` before
+    normalisation). CNN trunks (ConvNeXt, FastViT) are refused.
+    """
+
+    def __init__(
+        self, name: str, visual: TimmModel, embed_dim: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        trunk = visual.trunk
+        if not all(hasattr(trunk, a) for a in ("patch_embed", "num_prefix_tokens", "fc_norm", "head")):
+            raise ConfigError(
+                f"{name}: dense tokens need a ViT-like timm image tower; {type(trunk).__name__} is not one"
+            )
+        pool = getattr(trunk, "attn_pool", None)
+        if pool is not None and not (
+            isinstance(pool, AttentionPoolLatent) and pool.latent_len == 1 and pool.pos_embed is None
+        ):
+            raise ConfigError(f"{name}: no dense form for the attention pool {type(pool).__name__}")
+        super().__init__(name, embed_dim, trunk.patch_embed.patch_size[0], mean, std)
+        self.visual = visual
+
+    def dense_head(self, tokens: Tensor) -> Tensor:
+        """Patch tokens ``b n c`` of the trunk -> ``b n d`` in the joint space."""
+        trunk = self.visual.trunk
+        pool = getattr(trunk, "attn_pool", None)
+        if pool is not None:
+            tokens = dense_attention_pool(pool, tokens)
+        return self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(tokens))))
+
+    def encode(self, x: Tensor) -> VisionOutput:
+        trunk = self.visual.trunk
+        gh, gw = self.grid(*x.shape[-2:])
+        features = trunk.forward_features(x)  # b (p n) c, final norm applied
+        tokens = self.dense_head(features[:, trunk.num_prefix_tokens :])
+        cls = self.visual.head(trunk.forward_head(features))  # b d
+        return VisionOutput(tokens=tokens, grid=(gh, gw), cls=cls)
+
+
+def _native_vision(
+    name: str, visual: VisionTransformer, embed_dim: int, mean: Sequence[float], std: Sequence[float]
+) -> OpenClipVision:
+    return OpenClipVision(name, visual, mean, std)  # its width is the tower's own output_dim
+
+
+# How each kind of open_clip image tower gives dense tokens: (name, tower, joint width, mean, std).
+_DENSE_VISION: dict[type, Callable[..., VisionAdapter]] = {
+    VisionTransformer: _native_vision,
+    TimmModel: OpenClipTimmVision,
+}
+
+
 class OpenClipText(TextAdapter):
-    """The text tower of a CLIP: ``encode_text`` on open_clip's tokenizer output."""
+    """The text tower of an open_clip model: ``encode_text`` on its tokenizer's output."""
 
     def __init__(
         self, name: str, model: nn.Module, tokenizer: Any, embed_dim: int, templates: Sequence[str]
@@ -124,31 +343,96 @@ class OpenClipText(TextAdapter):
         return torch.cat(chunks)  # t c
 
 
-def build_vision(name: str, arch: str, weights: str | None = None, **kwargs: Any) -> OpenClipVision:
-    model, _, tag_cfg = create_clip(name, arch, weights, kwargs)
-    return OpenClipVision(name, model.visual, tag_cfg["mean"], tag_cfg["std"])
+def _tokenizer(name: str, arch: str, cfg: Mapping[str, Any], checkpoint: Path | None) -> Any:
+    """open_clip's tokenizer for ``arch``; a Hugging Face one is read from beside the checkpoint when there.
+
+    The Hub repos of SigLIP-style models hold the tokenizer next to the weights, so a downloaded
+    or hand-copied folder works offline; otherwise the config's tokenizer id is fetched.
+    """
+    text_cfg = cfg["text_cfg"]
+    context_length = text_cfg.get("context_length")
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    if not hf_name:
+        return open_clip.get_tokenizer(arch, context_length=context_length)
+    folder = checkpoint.parent if checkpoint is not None else None
+    source = str(folder) if folder and any((folder / f).is_file() for f in TOKENIZER_FILES) else hf_name
+    hint = f"put its tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...) beside the weights file"
+    with W.fetching(name, f"the tokenizer {source}", hint):
+        return HFTokenizer(
+            source,
+            context_length=context_length,
+            tokenizer_mode=text_cfg.get("tokenizer_mode"),
+            local_files_only=W.is_offline(),
+            **text_cfg.get("tokenizer_kwargs", {}),
+        )
+
+
+def build_vision(
+    name: str,
+    arch: str,
+    tag: str,
+    weights: str | None = None,
+    *,
+    trunk: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> VisionAdapter:
+    model, cfg, _ = create_clip(name, arch, tag, weights, kwargs, trunk=trunk or {})
+    make = _DENSE_VISION.get(type(model.visual))
+    if make is None:
+        raise ConfigError(
+            f"{name}: no dense tokens from an open_clip {type(model.visual).__name__} image tower; "
+            f"supported: {', '.join(t.__name__ for t in _DENSE_VISION)}"
+        )
+    return make(name, model.visual, cfg["embed_dim"], *_preprocessing(arch, tag))
 
 
 def build_text(
     name: str,
     arch: str,
+    tag: str,
     weights: str | None = None,
     templates: str | Sequence[str] | None = None,
     **kwargs: Any,
 ) -> OpenClipText:
-    model, cfg, _ = create_clip(name, arch, weights, kwargs)
-    # The image tower is most of the memory and a text adapter never runs it.
-    model.visual = nn.Identity()
-    context_length = cfg["text_cfg"].get("context_length")
-    tokenizer = open_clip.get_tokenizer(arch, context_length=context_length)
+    model, cfg, path = create_clip(name, arch, tag, weights, kwargs, text_only=True)
+    model.visual = nn.Identity()  # also when a big_vision file needed it for loading
+    tokenizer = _tokenizer(name, arch, cfg, path)
     return OpenClipText(name, model, tokenizer, cfg["embed_dim"], resolve_templates(templates or "clip"))
 
 
-def _source(arch: str) -> str:
-    hub = open_clip.get_pretrained_cfg(arch, _TAG)["hf_hub"].strip("/")
-    return f"open_clip {arch} pretrained={_TAG} (hub: {hub})"
+def _source(arch: str, tag: str) -> str:
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    where = f"hub: {cfg['hf_hub'].strip('/')}" if cfg.get("hf_hub") else cfg.get("url", "")
+    return f"open_clip {arch} pretrained={tag} ({where})"
 
 
-for _name, _arch in CLIP_ARCHS.items():
-    register_vision(_name, weights=_source(_arch))(partial(build_vision, _name, _arch))
-    register_text(f"{_name}_text", weights=_source(_arch))(partial(build_text, f"{_name}_text", _arch))
+for _name, (_arch, _tag) in OPEN_CLIP_MODELS.items():
+    register_vision(_name, weights=_source(_arch, _tag))(partial(build_vision, _name, _arch, _tag))
+    register_text(f"{_name}_text", weights=_source(_arch, _tag))(
+        partial(build_text, f"{_name}_text", _arch, _tag)
+    )
+
+
+def _accepts(model_id: str) -> bool:
+    parse_model_id(model_id)  # raises, naming the valid architectures or tags
+    return True
+
+
+_FAMILY_WEIGHTS = "open_clip: the tag's weights (open_clip.list_pretrained())"
+
+
+@register_vision("open_clip", weights=_FAMILY_WEIGHTS, family=True, accepts=_accepts)
+def build_open_clip_vision(model_id: str, weights: str | None = None, **kwargs: Any) -> VisionAdapter:
+    """``open_clip:<architecture>/<tag>``'s image tower, e.g. ``open_clip:ViT-B-16-SigLIP2/webli``."""
+    return build_vision(f"open_clip:{model_id}", *parse_model_id(model_id), weights, **kwargs)
+
+
+@register_text("open_clip", weights=_FAMILY_WEIGHTS, family=True, accepts=_accepts)
+def build_open_clip_text(
+    model_id: str,
+    weights: str | None = None,
+    templates: str | Sequence[str] | None = None,
+    **kwargs: Any,
+) -> OpenClipText:
+    """``open_clip:<architecture>/<tag>``'s text tower, e.g. ``open_clip:ViT-B-16-SigLIP2/webli``."""
+    return build_text(f"open_clip:{model_id}", *parse_model_id(model_id), weights, templates, **kwargs)

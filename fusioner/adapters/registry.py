@@ -5,7 +5,7 @@ so adding a backbone is one decorated function, never another branch in a factor
 way: the implementation modules import this one, and :mod:`fusioner.adapters` imports them (which
 runs their decorators), so this module imports no implementation and the registries are full as
 soon as anything under ``fusioner.adapters`` is imported. A *family*
-(``timm:``, ``hf:``) is a prefix whose remainder is passed to the builder as the model id.
+(``timm:``, ``hf:``, ``open_clip:``) is a prefix whose remainder is passed to the builder as the model id.
 Builders take ``weights`` (hub id, local file or folder; None = the entry's default) plus keyword
 overrides of the architecture, which is how the tests build tiny models through the real path.
 """
@@ -26,7 +26,8 @@ class Entry:
     build: Callable[..., Any]
     weights: str  # where the default weights come from, for users and the README table
     family: bool = False  # a prefix like "timm:" that takes any model id after it
-    # For a family whose ids are known offline (timm's): is this model id one of them?
+    # For a family whose ids are known offline (timm's, open_clip's): is this model id one of them?
+    # It may raise UnknownNameError itself, to say which part is wrong and list the valid choices.
     accepts: Callable[[str], bool] | None = None
 
 
@@ -72,9 +73,10 @@ class Registry:
             raise UnknownNameError(f"{prefix}unknown {self.kind} backbone {name!r}; known: {known}")
         try:
             entry, model_id = self.lookup(name)
+            accepted = entry.accepts is None or entry.accepts(model_id)
         except UnknownNameError as e:
             raise UnknownNameError(f"{prefix}{e}") from None
-        if entry.accepts is not None and not entry.accepts(model_id):
+        if not accepted:
             raise UnknownNameError(
                 f"{prefix}unknown {self.kind} backbone {name!r}: {entry.name} has no model {model_id!r}; "
                 f"known: {known}"

@@ -1,4 +1,4 @@
-"""timm backbones: DINO and MoCo v3 ViTs, EfficientNet-Lite0, and any timm model (``timm:<name>``).
+"""timm backbones: DINO, DINOv2, DINOv3 and MoCo v3 ViTs, EfficientNet-Lite0, any timm model (``timm:<id>``).
 
 Every entry takes the same road: :mod:`fusioner.adapters.weights` turns ``weights=`` into a state
 dict in timm's layout (downloading and converting as needed), and ``timm.create_model`` builds the
@@ -174,23 +174,42 @@ def load_timm_source(
 # ---------------------------------------------------------------------------------------------
 # Registered entries.
 
+# Self-supervised ViTs whose weights timm publishes in its own layout: name -> timm model.tag.
 DINO_ARCHS = {
     "dino_vits16": "vit_small_patch16_224.dino",
     "dino_vitb16": "vit_base_patch16_224.dino",
     "dino_vits8": "vit_small_patch8_224.dino",
     "dino_vitb8": "vit_base_patch8_224.dino",
 }
+# The _reg models carry 4 register tokens after the class token (Darcet et al. 2024, "Vision
+# Transformers Need Registers"); they absorb the high-norm artefact tokens and are not image patches.
+# TimmVision drops every prefix token (num_prefix_tokens = 1 + 4) and keeps the class token as cls.
+DINOV2_ARCHS = {
+    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
+}
+# DINOv3 always has 4 register ("storage") tokens after its class token, and RoPE instead of a
+# position table, so any grid works without resampling; the same prefix drop applies.
+DINOV3_ARCHS = {
+    "dinov3_vits16": "vit_small_patch16_dinov3.lvd1689m",
+    "dinov3_vitb16": "vit_base_patch16_dinov3.lvd1689m",
+    "dinov3_vitl16": "vit_large_patch16_dinov3.lvd1689m",
+}
 
 
 def build_dino(name: str, arch: str, weights: str | None = None, **kwargs: Any) -> TimmVision:
     state_dict, path = load_timm_source(name, arch, weights)
     # dynamic_img_size: the position embedding is resampled to each input's grid, so any
-    # multiple of the patch size works, not only 224.
+    # multiple of the patch size works, not only the training size (224, or 518 for DINOv2).
     model = create_timm(name, arch, state_dict, path, **{"dynamic_img_size": True, **kwargs})
     return TimmVision(name, model)
 
 
-for _name, _arch in DINO_ARCHS.items():
+for _name, _arch in {**DINO_ARCHS, **DINOV2_ARCHS, **DINOV3_ARCHS}.items():
     register_vision(_name, weights=f"timm hub: {_arch}")(partial(build_dino, _name, _arch))
 
 
