@@ -1,7 +1,7 @@
 """``mosaic4``: generate, publish and look at the Mosaic-4 benchmark.
 
     mosaic4 generate --fss-root FSS-1000 --out mosaic4 --num 1000 --seed 0 [--classes-file test.txt]
-                     [--tile-size 224] [--push-to-hub USER/mosaic4]
+                     [--tile-size 224] [--allow-repeats] [--push-to-hub USER/mosaic4]
     mosaic4 show mosaic4 --index 0 --out mosaic.png
 
 Errors of the user's making print one line and exit with status 2; anything else is a bug and
@@ -56,7 +56,7 @@ def draw_preview(
 def _generate(args: argparse.Namespace) -> None:
     from mosaic4.card import build_card, publish
     from mosaic4.fss import read_class_list, scan_fss
-    from mosaic4.generate import MosaicOptions, check_classes, write_mosaic4
+    from mosaic4.generate import MosaicOptions, check_classes, check_repeats, drawn_distinct, write_mosaic4
 
     options = MosaicOptions(
         num=args.num,
@@ -68,11 +68,19 @@ def _generate(args: argparse.Namespace) -> None:
     names = read_class_list(args.classes_file) if args.classes_file else None
     classes = scan_fss(args.fss_root, names, min_images=args.min_images)
     check_classes(classes)
+    # A small source cannot fill a large set: say so, rather than write mostly repeats.
+    distinct = (
+        drawn_distinct(classes, options)
+        if args.allow_repeats
+        else check_repeats(classes, options, args.fss_root)
+    )
     card = build_card(options, classes, args.classes_file)
     out = write_mosaic4(
         classes, options, args.out, card=str(card), overwrite=args.overwrite, num_proc=args.num_proc
     )
-    print(f"wrote {options.num} mosaics of {len(classes)} classes to {out}")
+    repeats = options.num - distinct
+    note = f"; {distinct} distinct, the other {repeats} repeat one of them" if repeats else ""
+    print(f"wrote {options.num} mosaics of {len(classes)} classes to {out}{note}")
     if args.push_to_hub:
         publish(out, args.push_to_hub, private=args.private)
         print(f"pushed {out} to https://huggingface.co/datasets/{args.push_to_hub}")
@@ -106,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-images", type=int, default=1, help="refuse class folders with fewer pairs")
     gen.add_argument("--num-proc", type=int, help="worker processes for rendering")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    gen.add_argument(
+        "--allow-repeats",
+        action="store_true",
+        help="write --num mosaics even if some repeat others (a small source allows few distinct ones)",
+    )
     gen.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub dataset repo (user/name)")
     gen.add_argument("--private", action="store_true", help="create the Hub repo as private")
     gen.set_defaults(run=_generate)

@@ -75,6 +75,47 @@ def check_classes(classes: Sequence[FSSClass]) -> None:
         raise DataError(f"Mosaic-4 needs at least {TILES} classes with images; got {len(classes)}: {where}")
 
 
+def distinct_mosaics(classes: Sequence[FSSClass], options: MosaicOptions) -> int:
+    """How many different mosaics ``classes`` allow: four distinct classes placed on the four tiles,
+    one image of each, times the query's tile (4 choices, or 1 with a fixed ``query_tile``)."""
+    # by_count[k]: the ways to pick k classes (unordered) and one image of each; a class of n images
+    # adds n ways to every pick that lacks it.
+    by_count = [1] + [0] * TILES
+    for c in classes:
+        for k in range(TILES, 0, -1):
+            by_count[k] += by_count[k - 1] * len(c.images)
+    return by_count[TILES] * math.factorial(TILES) * (TILES if options.query_tile is None else 1)
+
+
+def drawn_distinct(classes: Sequence[FSSClass], options: MosaicOptions) -> int:
+    """How many of the ``options.num`` planned mosaics differ (plans read no pixels: this is cheap)."""
+    plans = (plan_sample(classes, options, i) for i in range(options.num))
+    return len({(tuple(t.id for t in p.tiles), p.query) for p in plans})
+
+
+def check_repeats(classes: Sequence[FSSClass], options: MosaicOptions, source: str | Path) -> int:
+    """Refuse a set in which some mosaics repeat others, saying how many distinct ones there are.
+
+    Returns the number of distinct mosaics drawn; the caller may skip this check to allow repeats.
+    """
+    possible = distinct_mosaics(classes, options)
+    where = f"the {len(classes)} classes under {source}"
+    remedy = "add classes or images, or pass --allow-repeats"
+    if options.num > possible:
+        raise DataError(
+            f"--num {options.num} asks for more mosaics than {where} make: they allow {possible} distinct "
+            f"mosaics; ask for at most {possible}, {remedy}"
+        )
+    drawn = drawn_distinct(classes, options)
+    if drawn < options.num:
+        raise DataError(
+            f"--num {options.num} with --seed {options.seed} draws {drawn} distinct mosaics from {where} "
+            f"({possible} possible); the other {options.num - drawn} repeat one of them: ask for fewer, "
+            f"{remedy}"
+        )
+    return drawn
+
+
 def plan_sample(classes: Sequence[FSSClass], options: MosaicOptions, index: int) -> Plan:
     """Sample ``index``: four distinct classes (the first drawn is the query), one image of each."""
     rng = np.random.default_rng(np.random.SeedSequence(options.seed, spawn_key=(index,)))

@@ -4,6 +4,9 @@ Three steps, one module each: :mod:`~fusioner.sweep.expand` turns a sweep file i
 (the expansion rule is there), :mod:`~fusioner.sweep.runner` trains and evaluates them under
 accelerate, in shards and resumably, and :mod:`~fusioner.sweep.report` tabulates what the run
 directories hold. A run's state is read from its directory by :class:`fusioner.run.RunDir`.
+
+:mod:`~fusioner.sweep.launch` submits the shards as one submitit job array (SLURM or local
+processes); it is imported on demand, so the rest never needs submitit.
 """
 
 from fusioner.sweep.expand import Axis, Run, Sweep, expand, load_sweep, parse_shard, read_plan, sanitize
