@@ -74,6 +74,24 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
         {"ce_weight": 1.0, "hard_negatives": True, "num_negatives": 12, "score_dim": 32},
     ),
 }
+# The field's designs (fusioner/methods, issue 12) on the same frozen features and budget.
+METHOD_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "zegclip": ("ZegCLIP one-stage: relationship descriptor + name-query decoder", {"method": "zegclip"}),
+    "zegformer": ("ZegFormer decoupled: 16 class-agnostic mask queries", {"method": "zegformer"}),
+    "zegformer-spectral": (
+        "ZegFormer decoupled, spectral segments as the groups",
+        {"method": "zegformer", "zegformer_grouping": "spectral"},
+    ),
+    "spectral": ("+ SAZS spectral refinement at inference (weight 0.5)", {"refine": "spectral"}),
+    "spectral-train": (
+        "+ spectral refinement and the eigen-segment training term",
+        {"refine": "spectral", "spectral_weight": 1.0},
+    ),
+    "pseudo": ("+ CLIP-ZSS K-means pseudo-classes in background regions", {"pseudo_labels": "kmeans"}),
+}
+for _name, (_what, _changes) in list(METHOD_ROWS.items()):
+    METHOD_ROWS[f"{_name}-shuffled"] = (f"{_what}, seen names shuffled", {**_changes, "shuffle_names": True})
+ROWS.update(METHOD_ROWS)
 # The chosen default (set from the table; configs/folder/ccp.yaml ships it) and its shuffled baseline.
 DEFAULT: dict[str, Any] = {}
 ROWS["default"] = ("chosen default (configs/folder/ccp.yaml, or the quickstart, as shipped)", DEFAULT)

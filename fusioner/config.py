@@ -27,6 +27,7 @@ _AT_LEAST_ONE = (
 _NON_NEGATIVE = (
     "dim", "depth", "heads", "score_dim", "num_negatives", "dice_weight", "ce_weight", "max_steps",
     "weight_decay", "warmup_steps", "clip_grad", "num_workers", "fold",
+    "spectral_knn", "spectral_weight", "deep_prompts", "pseudo_weight", "global_loss_weight",
 )  # fmt: skip
 
 
@@ -43,6 +44,9 @@ class Config:
     dataset: str = "folder"  # pascal5i | coco20i | folder | mosaic4 | pictograms
     data_path: str = ""
     split_dir: str = ""  # HSNet-format list folder (pascal5i / coco20i); empty = image lists by rule
+    # `fusioner eval --suite`: the folder holding the suite's datasets in their prepared layouts
+    # (ADEChallengeData2016/, ADE20K_2021_17_01/, VOCdevkit/, coco/, cityscapes/; fusioner/engine/suite.py).
+    data_root: str = ""
     fold: int = 0
     unseen_classes: list[str] = field(default_factory=list)  # folder dataset: names held out of training
     drop_unseen_images: bool = False  # drop training images that contain held-out classes
@@ -91,6 +95,25 @@ class Config:
     eval_split: str = "val"  # val | test (datasets with a test split); GZSS calibration is chosen on val
     eval_batch_size: int = 8
 
+    # Methods (fusioner/methods/, issue 12): the head design, a training-free refiner, extra terms.
+    method: str = "fusioner"  # fusioner | zegclip | zegformer (fusioner.methods.METHODS)
+    refine: str = "none"  # none | spectral (fusioner.methods.REFINERS), applied in fusioner/inference.py
+    refine_weight: float = 0.5  # spectral: share of the segment-mean logits in the blend
+    refine_vision: str = ""  # spectral: another vision adapter for the graph; empty = the run's own
+    spectral_eigs: int = 4  # eigenvectors of the normalised Laplacian
+    spectral_segments: int = 4  # K-means segments (refine and spectral_weight)
+    spectral_knn: int = 0  # > 0 keeps each token's knn strongest affinities
+    spectral_weight: float = 0.0  # training: pull predictions toward the eigen-segments (SAZS)
+    deep_prompts: int = 0  # zegclip: prompt tokens per block of a timm ViT (needs use_cache=false)
+    zegformer_grouping: str = "queries"  # queries (learned, class-agnostic) | spectral
+    zegformer_queries: int = 16  # mask queries (or spectral segments)
+    zegformer_pixel_weight: float = 0.5  # ensemble: share of the pixel-level score
+    pseudo_labels: str = "none"  # none | kmeans (CLIP-ZSS pixel learning)
+    pseudo_clusters: int = 4  # K-means pseudo-classes per image
+    pseudo_scales: list[str] = field(default_factory=lambda: ["1", "3"])  # neighbourhoods fused
+    pseudo_weight: float = 0.5
+    global_loss_weight: float = 0.0  # CLIP-ZSS global term (needs a CLS token and use_cache=false)
+
     def __post_init__(self) -> None:
         self._check_ranges()
         presets = {"base": (512, 12, 8), "small": (256, 4, 8), "tiny": (64, 1, 2)}
@@ -124,6 +147,23 @@ class Config:
                 raise ConfigError(
                     f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                 )
+        from fusioner.methods import check_config
+
+        check_config(self)
+        self._check_fold()
+
+    def _check_fold(self) -> None:
+        """The fold must exist in its dataset (read from the dataset registry), so a run of fold 7 is
+        refused here, not after its config.yaml is written and its backbones are loaded. Datasets
+        without folds ignore the key (sweeps use it as a plain axis there)."""
+        from fusioner.data.registry import FOLDS
+
+        folds = FOLDS.get(self.dataset, 0)
+        if folds and self.fold >= folds:
+            raise ConfigError(
+                f"config key 'fold': {self.fold} is out of range for dataset {self.dataset!r}, "
+                f"which has folds 0-{folds - 1}"
+            )
 
     def _check_ranges(self) -> None:
         """Refuse numeric values no run can use, before anything loads or writes (``temperature=0``
@@ -151,6 +191,22 @@ class Config:
         return [f.name for f in dataclasses.fields(cls)]
 
 
+# Keys that change how a run executes but not what it computes: the only keys a resumed run (by
+# `train --resume` or a sweep) may change. Any other change would make config.yaml lie about the
+# steps already taken.
+RUNTIME_KEYS = frozenset(
+    ("out_dir", "cache_dir", "use_cache", "num_workers", "eval_batch_size", "log_every", "checkpoint_every")
+    + ("precision", "compile")
+    + ("data_root",)  # where `eval --suite` looks for benchmarks; training never reads it
+)
+
+
+def config_changes(before: Config, now: Config) -> list[str]:
+    """``key: old -> new`` for every non-runtime key whose value differs, in field order."""
+    old, new = before.to_dict(), now.to_dict()
+    return [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items() if k not in RUNTIME_KEYS and old[k] != v]
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or say what was expected."""
     hint = typing.get_type_hints(Config)[key]
@@ -166,6 +222,8 @@ def _coerce(key: str, value: Any) -> Any:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
         origin = typing.get_origin(hint)
     if origin is list:
+        if value is None:  # `unseen_classes=` on the command line: the empty list
+            return []
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
@@ -203,7 +261,12 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -42,11 +42,20 @@ def labels_from_logits(
     return torch.where(best.float().sigmoid() >= threshold, index + 1, torch.zeros_like(index))
 
 
-def _head_logits(model, tokens: Tensor, grid: tuple[int, int], text: Tensor) -> Tensor:
-    """tokens ``1 n c``, text ``k ct`` -> logits ``1 k h w`` at the decoder's resolution, in chunks."""
+def _head_logits(
+    model, tokens: Tensor, grid: tuple[int, int], text: Tensor, image: Tensor | None = None
+) -> Tensor:
+    """tokens ``1 n c``, text ``k ct`` -> logits ``1 k h w`` at the decoder's resolution, in chunks.
+
+    The model's refiner (config key ``refine``, fusioner/methods) runs here, on the logits of every
+    name at once, so evaluation, ``predict`` and ``FusionerModel.logits`` all see it; ``image``
+    (``1 3 s s``, the view the tokens came from) serves a refiner with a backbone of its own.
+    """
     tokens = tokens.to(text.device, torch.float32)
     chunks = [model.head(tokens, grid, part[None]) for part in text.split(NAMES_PER_PASS)]
-    return torch.cat(chunks, dim=1)
+    logits = torch.cat(chunks, dim=1)
+    refiner = getattr(model, "refiner", None)
+    return logits if refiner is None else refiner(logits, tokens, grid, image)
 
 
 def _square(image: Tensor, size: int) -> Tensor:
@@ -62,28 +71,41 @@ def _encode(model, image: Tensor) -> tuple[Tensor, tuple[int, int]]:
 def fixed_logits(model, image: Tensor, text: Tensor, size: int, tokens: Tensor | None = None) -> Tensor:
     """image ``3 H W``, text ``k ct`` -> logits ``k H W``; ``tokens`` ``gh gw c``: cached features."""
     h, w = image.shape[-2:]
+    # Cached tokens need no resized image, unless the refiner runs a backbone of its own on it.
+    wants_view = tokens is None or getattr(getattr(model, "refiner", None), "vision", None) is not None
+    square = _square(image, size) if wants_view else None
     if tokens is not None:
         flat, grid = tokens.flatten(0, 1)[None], (tokens.shape[0], tokens.shape[1])
     else:
-        flat, grid = _encode(model, _square(image, size))
-    logits = _head_logits(model, flat, grid, text)  # at the decoder's resolution: resized once, here
+        flat, grid = _encode(model, square)
+    logits = _head_logits(model, flat, grid, text, square)  # at the decoder's resolution: resized once
     return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
-def sliding_logits(model, image: Tensor, text: Tensor, size: int, tokens: Tensor | None = None) -> Tensor:
-    """Average the logits of ``size x size`` windows (stride 2/3 size) over the original image."""
+def _windows(image: Tensor, size: int) -> tuple[Tensor, list[int], list[int]]:
+    """``3 H W`` -> the image padded to at least ``size`` each way, the window rows and columns
+    (stride 2/3 of a window; the last window ends at the border)."""
     h, w = image.shape[-2:]
     ph, pw = max(h, size), max(w, size)
     padded = F.pad(image, (0, pw - w, 0, ph - h))
     stride = max(1, size * 2 // 3)
     ys = sorted({min(y, ph - size) for y in range(0, ph - size + stride, stride)})
     xs = sorted({min(x, pw - size) for x in range(0, pw - size + stride, stride)})
+    return padded, ys, xs
+
+
+def sliding_logits(model, image: Tensor, text: Tensor, size: int, tokens: Tensor | None = None) -> Tensor:
+    """Average the logits of ``size x size`` windows (stride 2/3 size) over the original image."""
+    h, w = image.shape[-2:]
+    padded, ys, xs = _windows(image, size)
+    ph, pw = padded.shape[-2:]
     total = torch.zeros(text.shape[0], ph, pw, device=text.device)
     count = torch.zeros(1, ph, pw, device=text.device)
     for y in ys:
         for x in xs:
-            flat, grid = _encode(model, padded[None, :, y : y + size, x : x + size])
-            logits = _head_logits(model, flat, grid, text)
+            window = padded[None, :, y : y + size, x : x + size]
+            flat, grid = _encode(model, window)
+            logits = _head_logits(model, flat, grid, text, window)
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
             total[:, y : y + size, x : x + size] += logits[0].float()
             count[:, y : y + size, x : x + size] += 1
@@ -123,3 +145,64 @@ def batch_logits(
         image_logits(model, im, text, size=size, mode="fixed", tokens=g)
         for im, g in zip(images, grids, strict=True)
     ]
+
+
+@torch.no_grad()
+def argmax_labels(
+    model,
+    image: Tensor,
+    text: Tensor,
+    *,
+    size: int,
+    mode: str = "fixed",
+    out_size: tuple[int, int] | None = None,
+) -> Tensor:
+    """image ``3 H W``, text ``k ct`` -> ``h w`` int64: the index of the best-scoring name per pixel.
+
+    The n-way rule of the open-vocabulary benchmarks (every pixel gets a name; no threshold, no
+    background). ``out_size`` (default ``H W``): the resolution the labels are wanted at, e.g. the
+    ground truth's when ``image`` was resized. The backbone runs once (once per window); names go
+    through the head :data:`NAMES_PER_PASS` at a time and only a running max and argmax are kept,
+    so memory is ``NAMES_PER_PASS x h x w``, not ``k x h x w`` (847 names at 512 x 683 would be 1.2 GB
+    of float32 logits). Equal to ``image_logits(...).argmax(0)`` resized, up to ties.
+    """
+    if mode not in MODES:
+        raise ValueError(f"inference mode must be one of {', '.join(MODES)}, got {mode!r}")
+    h, w = image.shape[-2:]
+    out_h, out_w = out_size or (h, w)
+    # (view, its tokens and grid, its origin): the backbone runs once per view, whatever k is.
+    if mode == "fixed":
+        square = _square(image, size)
+        views = [(square, _encode(model, square), None)]
+        padded_size = (h, w)
+    else:
+        padded, ys, xs = _windows(image, size)
+        padded_size = tuple(padded.shape[-2:])
+        windows = [((y, x), padded[None, :, y : y + size, x : x + size]) for y in ys for x in xs]
+        views = [(window, _encode(model, window), origin) for origin, window in windows]
+    best = torch.full((out_h, out_w), -torch.inf, device=text.device)
+    index = torch.zeros((out_h, out_w), dtype=torch.long, device=text.device)
+    for start in range(0, text.shape[0], NAMES_PER_PASS):
+        part = text[start : start + NAMES_PER_PASS]
+        # A refiner sees the names chunk by chunk; spectral (fusioner/methods) refines each name
+        # apart, so the chunks change no number.
+        if mode == "fixed":
+            square, (flat, grid), _ = views[0]
+            logits = _head_logits(model, flat, grid, part, square)[0]  # c gh' gw', the decoder's resolution
+        else:
+            logits = torch.zeros(part.shape[0], *padded_size, device=text.device)
+            count = torch.zeros(1, *padded_size, device=text.device)
+            for view, (flat, grid), (y, x) in views:
+                window = _head_logits(model, flat, grid, part, view)
+                window = F.interpolate(window, size=(size, size), mode="bilinear", align_corners=False)
+                logits[:, y : y + size, x : x + size] += window[0].float()
+                count[:, y : y + size, x : x + size] += 1
+            logits = (logits / count)[:, :h, :w]
+        logits = F.interpolate(
+            logits[None].float(), size=(out_h, out_w), mode="bilinear", align_corners=False
+        )
+        value, arg = logits[0].max(0)
+        better = value > best  # strict: a tie keeps the earlier name, as argmax over all k does
+        best = torch.where(better, value, best)
+        index = torch.where(better, arg + start, index)
+    return index

@@ -9,6 +9,8 @@ Layout of a run directory (``out_dir`` of a training config)::
     train_state.json     {"steps", "total_steps", "finished"}, written after model/
     metrics.json         written by evaluation
     error.txt            a sweep's record of the run's last failure
+    run.lock             held (``filelock``) by the process training into the directory
+    run.lock.json        {"pid", "host", "started"} of that process, for the message that refuses another
 
 Its state is read from which of these exist, so any process (another shard of a sweep, a push, a
 report) sees the same state without being told: ``done`` (evaluated), ``failed`` (error.txt),
@@ -19,12 +21,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fusioner.config import Config, load_config
-from fusioner.errors import DataError, FusionerError
+from filelock import FileLock, Timeout
+
+from fusioner.config import RUNTIME_KEYS, Config, config_changes, load_config
+from fusioner.errors import ConfigError, DataError, FusionerError
 from fusioner.io import atomic_write_json, read_json
 
 CONFIG = "config.yaml"
@@ -35,6 +45,10 @@ MODEL = "model"
 LOSSES = "losses.jsonl"
 METRICS = "metrics.json"
 ERROR = "error.txt"
+LOCK = "run.lock"
+LOCK_HOLDER = "run.lock.json"
+# A finished checkpoint folder; "step-*.tmp" is one being written, "step-*.damaged" one set aside.
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
 # Run states, as found on disk.
 DONE, FAILED, TRAINED, PARTIAL, PENDING = "done", "failed", "trained", "partial", "pending"
@@ -154,18 +168,77 @@ class RunDir:
     def error(self) -> Path:
         return self.path / ERROR
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK
+
+    @property
+    def lock_holder(self) -> Path:
+        return self.path / LOCK_HOLDER
+
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint(self, step: int) -> Path:
         """The folder of the checkpoint taken at ``step``; zero-padded so names sort by step."""
         return self.checkpoints / f"step-{step:08d}"
 
     def list_checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a ``.tmp`` folder is one being written)."""
-        return sorted(p for p in self.checkpoints.glob("step-*") if not p.name.endswith(".tmp"))
+        """Complete checkpoints, oldest first (not ``.tmp`` folders being written, nor ``.damaged`` ones)."""
+        return sorted(p for p in self.checkpoints.glob("step-*") if _CHECKPOINT_NAME.fullmatch(p.name))
 
     def latest_checkpoint(self) -> Path | None:
         done = self.list_checkpoints()
         return done[-1] if done else None
+
+    # -- one writer at a time --------------------------------------------------------------------
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the directory's lock for the block, or refuse at once, naming the process that holds it.
+
+        Two trainings into one directory once crashed one and interleaved the other's losses.jsonl.
+        The lock is an OS file lock (``filelock``): a killed holder releases it with its last breath,
+        so a stale ``run.lock`` never blocks a resume.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.lock_file, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise FusionerError(
+                f"run directory {self.path} is in use by {self._holder()} (lock {self.lock_file}); "
+                "wait for it to finish, or use another out_dir"
+            ) from None
+        try:
+            started = datetime.now(UTC).isoformat(timespec="seconds")
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+            atomic_write_json(self.lock_holder, holder)
+            yield
+        finally:
+            self.lock_holder.unlink(missing_ok=True)
+            lock.release()
+
+    def _holder(self) -> str:
+        try:
+            h = json.loads(self.lock_holder.read_text())
+            return f"process {h['pid']} on host {h['host']} (since {h['started']})"
+        except (OSError, ValueError, KeyError, TypeError):  # taken an instant ago, holder not written yet
+            return "another process"
+
+    def check_resumable(self, config: Config, remedy: str) -> None:
+        """Refuse to continue this run under ``config`` if its progress was made under another one.
+
+        Only :data:`fusioner.config.RUNTIME_KEYS` may change: anything else would leave config.yaml
+        claiming, say, a held-out name that was trained on for hundreds of steps. A run with nothing
+        to keep (no checkpoint, model or metrics: it failed before its first checkpoint) may start
+        over under any config. ``remedy`` ends the message (what the caller's user can do instead).
+        """
+        progress = self.has_metrics() or self.is_trained() or self.latest_checkpoint() is not None
+        if not self.config.is_file() or not progress:
+            return
+        if changed := config_changes(self.read_config(), config):
+            raise ConfigError(
+                f"{self.path} was started with another config ({'; '.join(changed)}), recorded in "
+                f"{self.config}; a resumed run may change only {', '.join(sorted(RUNTIME_KEYS))}: {remedy}"
+            )
 
     # -- reading and writing ---------------------------------------------------------------------
     def read_config(self) -> Config:

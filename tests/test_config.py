@@ -18,6 +18,12 @@ def test_yaml_then_overrides_then_kwargs(tmp_path):
     assert config.seed == 7
 
 
+def test_an_empty_list_override_clears_the_list(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("unseen_classes: [cow, horse]\n")
+    assert load_config(path, ["unseen_classes="]).unseen_classes == []
+
+
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("vison: dino_vits16\n")

@@ -16,6 +16,7 @@ from fusioner.data.splits import COCO_CLASSES, VOC_CLASSES, ListDataset, Split
 # "known:" list of an unknown dataset) gives them.
 # isort: off
 from fusioner.data import pascal5i, coco20i, folder, pictograms, mosaic  # noqa: F401
+from fusioner.data import ov  # noqa: F401  (ade847, pc459, ade150, pc59, voc20, voc21, ...)
 # isort: on
 
 

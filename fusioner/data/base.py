@@ -11,10 +11,19 @@ Masks stay in the dataset's own label space; which names count as seen or unseen
 sample is queried one name at a time or with all names at once, is the protocol's choice
 (``fusioner.engine``), never the dataset's. ``vocabulary`` lists every class name the dataset
 can contain, so the engine can sample absent names as negatives.
+
+``item_fingerprint(i)`` says whether an item's content may have changed since it was last read
+(the feature cache re-encodes an item whose fingerprint differs). Readers of files give the size
+and modification time of each file the item is read from (:func:`files_fingerprint`): a stat per
+file, no decoding.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Iterable
 from typing import TypedDict
 
 import numpy as np
@@ -48,6 +57,36 @@ class SegDataset(torch.utils.data.Dataset):
     def item_id(self, index: int) -> str:
         """The sample's ``id`` without decoding it; subclasses override this with a cheap lookup."""
         return self[index]["id"]
+
+    def item_fingerprint(self, index: int) -> str:
+        """A digest that changes whenever sample ``index``'s content (pixels, mask or names) may have.
+
+        This default digests the decoded sample: right for any dataset, but it reads every item, so
+        readers of files override it with :func:`files_fingerprint` of the files they read.
+        """
+        sample = self[index]
+        h = hashlib.sha1()
+        for tensor in (sample["image"], sample["mask"]):
+            h.update(str(tuple(tensor.shape)).encode())
+            h.update(tensor.contiguous().numpy().tobytes())
+        h.update(json.dumps(list(sample["names"])).encode())
+        return h.hexdigest()[:20]
+
+
+def files_fingerprint(paths: Iterable[str | os.PathLike[str]], extra: str = "") -> str:
+    """Digest of each file's path, size and modification time (ns), plus ``extra``: one stat per file.
+
+    Size + mtime is what make and rsync trust: editing or replacing a file changes it without
+    reading a byte. A missing file is digested as missing (reading the item then names it).
+    """
+    h = hashlib.sha1(extra.encode())
+    for path in paths:
+        try:
+            st = os.stat(path)
+            h.update(f"\n{os.fspath(path)}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        except FileNotFoundError:
+            h.update(f"\n{os.fspath(path)}\tmissing".encode())
+    return h.hexdigest()[:20]
 
 
 def read_image(path) -> Tensor:

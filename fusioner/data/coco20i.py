@@ -9,8 +9,9 @@ Masks are rendered from the instance annotations with labels 1..80 in COCO's cat
 (:data:`COCO_CLASSES`). Crowd regions (``iscrowd=1``) are painted ignore (255) first, then the
 other instances from the largest to the smallest, so a small object on a larger one stays
 visible and an instance drawn over a crowd region keeps its label. Rendered masks are cached as
-PNG (written atomically) under ``mask_dir``, ``<root>/fusioner_masks`` by default; the
-annotation file is only loaded when a mask or a label set is not known yet.
+PNG (written atomically) under ``mask_dir``, ``<root>/fusioner_masks`` by default, and rendered
+again when the annotation file is newer; the annotation file is only loaded when a mask or a
+label set is not known yet.
 
 Image lists by rule: every image of the split with at least one non-crowd instance. An HSNet
 fold JSON (class index 0-79 -> image paths) replaces the rule and fixes the one-way pairs.
@@ -34,6 +35,7 @@ from fusioner.config import Config
 from fusioner.data.registry import register_dataset
 from fusioner.data.splits import (
     COCO_CLASSES,
+    NUM_FOLDS,
     ListDataset,
     Split,
     coco20i_labels,
@@ -146,9 +148,25 @@ class COCOInstances(ListDataset):
     def mask_path(self, id: str) -> Path:
         return self.mask_dir / Path(self.files[id]).with_suffix(".png")
 
+    def item_files(self, index: int) -> list[Path]:
+        id = self.ids[index]
+        # With the annotation file present, the mask PNG is its render, written on first read:
+        # fingerprinting the PNG would change every fingerprint after the first fill.
+        source = self.annotation_file if self.annotation_file.is_file() else self.mask_path(id)
+        return [self.image_path(id), source]
+
+    def _rendered_is_current(self, path: Path) -> bool:
+        """A rendered mask is current unless the annotation file was changed after it was written."""
+        if not path.is_file():
+            return False
+        try:
+            return self.annotation_file.stat().st_mtime_ns <= path.stat().st_mtime_ns
+        except FileNotFoundError:  # listed masks without annotations: the PNGs are all there is
+            return True
+
     def load_mask(self, id: str) -> Tensor:
         path = self.mask_path(id)
-        if path.is_file():
+        if self._rendered_is_current(path):
             return super().load_mask(id)
         mask = self.index.render(Path(self.files[id]).name)
         if self._cache_writable:
@@ -198,7 +216,7 @@ def coco20i_split(
     return Split(train=train, val=val, seen=seen, unseen=unseen)
 
 
-@register_dataset("coco20i")
+@register_dataset("coco20i", num_folds=NUM_FOLDS)
 def build_coco20i(config: Config) -> Split:
     if config.unseen_classes:
         raise ConfigError(

@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 import torch
 
-from fusioner.data.base import Sample, SegDataset
+from fusioner.data.base import Sample, SegDataset, files_fingerprint
 from fusioner.data.registry import register_dataset
 from fusioner.data.splits import Split
 from fusioner.errors import ConfigError, DataError
@@ -60,12 +60,19 @@ class Mosaic4(SegDataset):
         # Only the id and names columns are read here; images are decoded per sample.
         self.ids: list[str] = list(self.data["id"])
         self.vocabulary = sorted({name for names in self.data["names"] for name in names})
+        # Rows live inside the folder's Arrow files, so one rewritten file may change any row: every
+        # item's fingerprint covers all of them (a stat per file, once).
+        arrow_files = sorted(f["filename"] for f in self.data.cache_files)
+        self._files_fingerprint = files_fingerprint(arrow_files, extra=str(self.path.resolve()))
 
     def __len__(self) -> int:
         return len(self.data)
 
     def item_id(self, index: int) -> str:
         return self.ids[index]
+
+    def item_fingerprint(self, index: int) -> str:
+        return self._files_fingerprint
 
     def __getitem__(self, index: int) -> Sample:
         row = self.data[index]

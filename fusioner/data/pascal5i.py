@@ -143,7 +143,7 @@ def pascal5i_split(
     return Split(train=train, val=PascalVOC(root, "val", val_list), seen=seen, unseen=unseen)
 
 
-@register_dataset("pascal5i")
+@register_dataset("pascal5i", num_folds=NUM_FOLDS)
 def build_pascal5i(config: Config) -> Split:
     if config.unseen_classes:
         raise ConfigError(

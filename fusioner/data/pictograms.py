@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fusioner.data.base import Sample, SegDataset, read_image, read_mask
+from fusioner.data.base import Sample, SegDataset, files_fingerprint, read_image, read_mask
 from fusioner.data.registry import register_dataset
 from fusioner.data.splits import Split
 from fusioner.errors import ConfigError, DataError
@@ -86,6 +86,12 @@ class PictogramScenes(SegDataset):
 
     def item_id(self, index: int) -> str:
         return self.scenes[index]["id"]
+
+    def item_fingerprint(self, index: int) -> str:
+        scene = self.scenes[index]
+        files = [self.root / IMAGES / f"{scene['id']}.png", self.root / MASKS / f"{scene['id']}.png"]
+        # The names come from scenes.jsonl, not from a file of their own.
+        return files_fingerprint(files, extra=json.dumps(scene["names"]))
 
 
 @register_dataset("pictograms")

@@ -22,13 +22,18 @@ Builder = Callable[["Config"], "Split"]
 _BUILDERS: dict[str, Builder] = {}
 # config.dataset -> its builder, in registration order; read-only, the decorator is the way in.
 BUILDERS: Mapping[str, Builder] = MappingProxyType(_BUILDERS)
+# config.dataset -> how many folds it has (0: none, its held-out names come from elsewhere), so the
+# config can refuse an out-of-range fold before anything loads.
+_FOLDS: dict[str, int] = {}
+FOLDS: Mapping[str, int] = MappingProxyType(_FOLDS)
 
 
-def register_dataset(name: str) -> Callable[[Builder], Builder]:
+def register_dataset(name: str, *, num_folds: int = 0) -> Callable[[Builder], Builder]:
     def decorator(fn: Builder) -> Builder:
         if name in _BUILDERS:
             raise ValueError(f"dataset {name!r} is registered twice")
         _BUILDERS[name] = fn
+        _FOLDS[name] = num_folds
         return fn
 
     return decorator

@@ -32,7 +32,7 @@ from typing import Self
 import torch
 from torch import Tensor
 
-from fusioner.data.base import IGNORE, Sample, SegDataset, read_image, read_mask
+from fusioner.data.base import IGNORE, Sample, SegDataset, files_fingerprint, read_image, read_mask
 from fusioner.errors import ConfigError, DataError
 from fusioner.io import read_json
 
@@ -222,10 +222,10 @@ class ListDataset(SegDataset):
     """A dataset over a list of image ids with a fixed vocabulary (labels 1..len(vocabulary)).
 
     Subclasses say where an id's image and mask are (:meth:`image_path`, :meth:`mask_path`) and
-    may override :meth:`load_mask` (rendered masks) or :meth:`labels` (a cheaper source than the
-    mask). Reading a sample checks that image and mask agree in size, reading a sample or its
-    labels that every label is in the vocabulary, so a broken file fails with its name, not deep
-    inside a loss.
+    may override :meth:`load_mask` (rendered masks; then :meth:`item_files` names what it renders
+    from) or :meth:`labels` (a cheaper source than the mask). Reading a sample checks that image
+    and mask agree in size, reading a sample or its labels that every label is in the vocabulary,
+    so a broken file fails with its name, not deep inside a loss.
     """
 
     label_source = "the dataset"  # named when a mask holds a label outside the vocabulary
@@ -259,6 +259,14 @@ class ListDataset(SegDataset):
 
     def item_id(self, index: int) -> str:
         return self.ids[index]
+
+    def item_files(self, index: int) -> list[Path]:
+        """The files sample ``index`` is read from (its fingerprint is their sizes and mtimes)."""
+        id = self.ids[index]
+        return [self.image_path(id), self.mask_path(id)]
+
+    def item_fingerprint(self, index: int) -> str:
+        return files_fingerprint(self.item_files(index))
 
     def __getitem__(self, index: int) -> Sample:
         id = self.ids[index]

@@ -24,8 +24,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fusioner.data.base import IGNORE, SegDataset
+from fusioner.data.ov import OVDataset
 from fusioner.engine.cache import FeatureCache
 from fusioner.engine.metrics import GZSSMeter, OneWayMeter
+from fusioner.errors import ConfigError
 from fusioner.inference import image_logits, labels_from_logits
 from fusioner.io import atomic_write_json
 from fusioner.model import FusionerModel
@@ -77,6 +79,17 @@ class _Scorer:
         )
 
 
+def _refuse_ov(dataset: SegDataset) -> None:
+    """The open-vocabulary benchmarks' protocol is n-way over all their names with bounded memory
+    (engine/suite.py); these protocols would hold k x h x w logits and cannot tell label 255 of an
+    847-name set from ignore."""
+    if isinstance(dataset, OVDataset):
+        raise ConfigError(
+            f"dataset {dataset.name} is scored n-way over all its {len(dataset.names)} names: "
+            f"fusioner eval --model MODEL --suite ov --only {dataset.name} data_root=DIR"
+        )
+
+
 @torch.no_grad()
 def evaluate(
     model: FusionerModel,
@@ -94,6 +107,7 @@ def evaluate(
     Returns ``{"one_way", "one_way_seen", "gzss" [, "gzss_calibrated"]}`` with seen names, else
     ``{"one_way", "n_way"}``.
     """
+    _refuse_ov(dataset)
     model.eval()
     names = list(seen) + list(unseen)
     index = {name: j for j, name in enumerate(names)}
@@ -193,9 +207,10 @@ def evaluate_model(
     GZSS is reported raw and calibrated; the calibration's ``seen_bias`` is chosen on ``val``. With
     ``eval_split: val`` that is the reported split itself, which ``gzss_calibrated.chosen_on`` says.
     """
-    from fusioner.config import load_config
+    from fusioner.config import load_config, override_keys
     from fusioner.data import build_split
     from fusioner.engine.cache import prepare_cache
+    from fusioner.methods import build_refiner
 
     model = FusionerModel.from_pretrained(model_source)
     run_config = RunDir(model_source).config
@@ -204,10 +219,14 @@ def evaluate_model(
     elif config_path is None:  # a bare model (e.g. from the Hub): its own input size, data from overrides
         overrides = [f"image_size={model.image_size}", *overrides]
     config = load_config(config_path, overrides)
+    if config.refine != "none" or "refine" in override_keys(overrides):
+        # Refinement is training-free: `eval refine=spectral` applies it to any trained model.
+        model.refiner = build_refiner(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     split = build_split(config)
     dataset = split.evaluation_set(config.eval_split)
+    _refuse_ov(dataset)  # before any feature is computed
     use_cache = config.use_cache and config.eval_mode == "fixed" and config.image_size == model.image_size
 
     def cache_for(ds: SegDataset) -> FeatureCache | None:

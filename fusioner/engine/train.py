@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -34,8 +37,9 @@ from fusioner.engine.cache import FeatureCache, prepare_cache
 from fusioner.engine.losses import mask_loss, rank_loss, resize_labels
 from fusioner.errors import FusionerError
 from fusioner.io import read_json
+from fusioner.methods import build_objective
 from fusioner.model import FusionerModel
-from fusioner.run import CHECKPOINT_STATE, CHECKPOINTS, RunDir
+from fusioner.run import CHECKPOINT_STATE, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -217,18 +221,107 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def _save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int) -> Path:
-    """``save_state`` into a temporary folder renamed into place: never a half-written checkpoint."""
+    """``save_state`` into a temporary folder renamed into place: never a half-written checkpoint.
+
+    Its trainer_state.json records the step and every file's size, so a file truncated or lost
+    later is found before anything is loaded from it (:func:`_check_checkpoint`).
+    """
     final = RunDir(out_dir).checkpoint(step)
     if final.exists():
         return final
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step}))
-    os.replace(tmp, final)
-    for old in RunDir(out_dir).list_checkpoints()[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()  # every process's random states are in tmp before it is sealed
+    if accelerator.is_main_process:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "files": files}))
+        os.replace(tmp, final)
+        for old in RunDir(out_dir).list_checkpoints()[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return final
+
+
+def _check_checkpoint(ckpt: Path) -> int:
+    """The step of checkpoint ``ckpt``, or a FusionerError saying what is damaged in it.
+
+    Damaged: trainer_state.json missing, unreadable or not naming the folder's step, or a file it
+    lists missing or of another size (truncated). Contents that fail to load are found by the caller.
+    """
+    state = read_json(ckpt / CHECKPOINT_STATE, "checkpoint state")
+    expected = int(ckpt.name.removeprefix("step-"))
+    if not isinstance(state, dict) or state.get("step") != expected:
+        raise FusionerError(f"{ckpt / CHECKPOINT_STATE} does not record step {expected}")
+    # Checkpoints written before the file list existed are only checked by loading them.
+    files = state.get("files", {})
+    if not isinstance(files, dict):
+        raise FusionerError(f"{ckpt / CHECKPOINT_STATE}: 'files' is not a mapping of file names to sizes")
+    for name, size in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise FusionerError(f"{path} is missing")
+        if path.stat().st_size != size:
+            raise FusionerError(f"{path} is {path.stat().st_size} bytes, {size} were written (truncated?)")
+    return expected
+
+
+# What loading a damaged accelerate state raises: torch.load of a cut zip (RuntimeError, EOFError,
+# UnpicklingError), safetensors (SafetensorError), a missing file (OSError), a wrong shape (RuntimeError).
+_LOAD_ERRORS = (FusionerError, OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
+
+
+def _resume(accelerator: Accelerator, run: RunDir) -> int:
+    """Load the newest intact checkpoint into the prepared objects and return its step.
+
+    A damaged one is named in a warning and the one before it is tried: training keeps two, so one
+    damaged file costs at most ``checkpoint_every`` steps. Once one loads, the damaged newer ones are
+    renamed ``step-N.damaged`` (kept for a look; out of the way of the checkpoint this run will write
+    at step N). None intact is an error that changes nothing on disk.
+    """
+    damaged: list[tuple[Path, str]] = []
+    for ckpt in reversed(run.list_checkpoints()):
+        try:
+            step = _check_checkpoint(ckpt)
+            accelerator.load_state(str(ckpt))
+        except (*_LOAD_ERRORS, SafetensorError) as e:
+            reason = str(e) if isinstance(e, FusionerError) else f"{type(e).__name__}: {e}"
+            log.warning("checkpoint %s is damaged: %s; trying the one before", ckpt, reason)
+            damaged.append((ckpt, reason))
+            continue
+        accelerator.wait_for_everyone()  # every process has read the checkpoints before any is moved
+        for bad, _ in damaged:
+            aside = bad.with_name(bad.name + ".damaged")
+            if accelerator.is_main_process:
+                shutil.rmtree(aside, ignore_errors=True)
+                bad.rename(aside)
+            log.warning("resuming from %s; the damaged %s is kept as %s", ckpt.name, bad.name, aside)
+        accelerator.wait_for_everyone()
+        log.info("resumed from %s (step %d)", ckpt, step)
+        return step
+    found = "; ".join(f"{ckpt.name} ({reason})" for ckpt, reason in damaged)
+    raise FusionerError(
+        f"no intact checkpoint to resume in {run.checkpoints}: {found}; nothing was changed: train into "
+        f"another out_dir, or delete {run.checkpoints} to start this one over"
+    )
+
+
+def _logged_steps(loss_log: Path, step: int) -> list[str]:
+    """The lines of ``losses.jsonl`` up to ``step``, which a resume from ``step`` keeps.
+
+    A process killed mid-write leaves a cut last line: it is dropped with a warning (its step is
+    trained and logged again), not a traceback that blocks the resume.
+    """
+    kept = []
+    for n, line in enumerate(loss_log.read_text(errors="replace").splitlines(), start=1):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s line %d is not a loss record (%r): dropped", loss_log, n, line[:60])
+    return kept
 
 
 def _precision(config: Config) -> str:
@@ -246,19 +339,30 @@ class TrainResult:
 
 
 def train(config: Config, *, resume: bool = False, split: Split | None = None) -> TrainResult:
-    """Train the fusion head of ``config``; writes checkpoints, ``losses.jsonl`` and ``model/``."""
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if resume and ckpt is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", out_dir / CHECKPOINTS)
-    if not resume and latest_checkpoint(out_dir) is not None:
-        raise FusionerError(
-            f"{out_dir} already holds checkpoints: pass --resume to continue, or another out_dir"
-        )
-    run = RunDir(out_dir)
-    save_config(config, run.config)
+    """Train the fusion head of ``config``; writes checkpoints, ``losses.jsonl`` and ``model/``.
 
+    The run directory is locked for the whole training (a second training into it is refused at
+    once); ``resume`` continues from its newest intact checkpoint, refusing a config that differs in
+    anything but runtime keys.
+    """
+    run = RunDir(config.out_dir)
+    # Only the main process locks: the others of a multi-process launch train into the same directory.
+    with run.locked() if PartialState().is_main_process else nullcontext():
+        has_checkpoints = run.latest_checkpoint() is not None
+        if not resume and has_checkpoints:
+            raise FusionerError(
+                f"{run.path} already holds checkpoints: pass --resume to continue, or another out_dir"
+            )
+        if resume:
+            run.check_resumable(config, f"set them back, or train into another out_dir (not {run.path})")
+            if not has_checkpoints:
+                log.warning("--resume: no checkpoint in %s, starting from scratch", run.checkpoints)
+        save_config(config, run.config)
+        return _train(config, run, has_checkpoints and resume, split)
+
+
+def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> TrainResult:
+    out_dir = run.path
     accelerator = Accelerator(
         mixed_precision=_precision(config),
         gradient_accumulation_steps=config.grad_accum,
@@ -299,27 +403,24 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
             f"no training step fits: {len(source)} images x {config.epochs} epochs with batch_size="
             f"{config.batch_size} and grad_accum={config.grad_accum}"
         )
-    optimizer = torch.optim.AdamW(model.head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # Terms beyond the head's own loss (fusioner/methods/objective.py); None for the plain head.
+    objective = build_objective(config, model.head, model.vision, model.text.embed_dim)
+    trained = [*model.head.parameters(), *(objective.parameters() if objective is not None else ())]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     if config.compile:
         model.head.compile()  # in place: state_dict keys stay those of the plain module
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, total // 2), total)
     # Only the head (and what drives it) is prepared: the frozen adapters get no DDP wrapper,
     # no optimizer state and no gradients.
     head, optimizer, loader, scheduler = accelerator.prepare(model.head, optimizer, loader, scheduler)
+    if objective is not None:  # its synthesizer / projection resume with the head
+        accelerator.register_for_checkpointing(objective.to(device))
     accelerator.init_trackers("train", config={k: str(v) for k, v in config.to_dict().items()})
 
-    step = 0
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = read_json(ckpt / CHECKPOINT_STATE, "checkpoint state")["step"]
-        log.info("resumed from %s (step %d)", ckpt, step)
+    step = _resume(accelerator, run) if resume else 0
     batches = accelerator.skip_first_batches(loader, step * config.grad_accum) if step else loader
     loss_log = run.losses
-    kept = (
-        [ln for ln in loss_log.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        if step and loss_log.exists()
-        else []
-    )
+    kept = _logged_steps(loss_log, step) if step and loss_log.exists() else []
     loss_log.write_text("".join(ln + "\n" for ln in kept))
 
     losses: list[float] = []
@@ -334,22 +435,20 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
                 break
             with accelerator.accumulate(head):
                 x = batch["x"].to(device)
+                cls = None
                 if source.cached:
                     tokens, grid = x.flatten(1, 2), (x.shape[1], x.shape[2])
                 else:
                     out = model.vision(x)
-                    tokens, grid = out.tokens, out.grid
+                    tokens, grid, cls = out.tokens, out.grid, out.cls
                 class_idx = batch["class_idx"].to(device)
-                loss = head_loss(
-                    head,
-                    tokens,
-                    grid,
-                    vocab,
-                    class_idx,
-                    batch["target"].to(device),
-                    config.dice_weight,
-                    config.ce_weight,
-                )
+                target = batch["target"].to(device)
+                if objective is not None:
+                    loss = objective(head, tokens, grid, vocab, class_idx, target, cls=cls)
+                else:
+                    loss = head_loss(
+                        head, tokens, grid, vocab, class_idx, target, config.dice_weight, config.ce_weight
+                    )
                 if not torch.isfinite(loss):
                     # Stop before the update: the last checkpoint on disk stays the last good one.
                     last = latest_checkpoint(out_dir)

@@ -8,11 +8,12 @@ head's weights alone; :meth:`FusionerModel.from_pretrained` rebuilds the adapter
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -22,7 +23,8 @@ from fusioner.adapters.prompts import resolve_templates
 from fusioner.errors import FusionerError
 from fusioner.inference import batch_logits, labels_from_logits
 from fusioner.io import atomic_write, atomic_write_json, read_json
-from fusioner.model.head import FusionHead, HeadConfig
+from fusioner.methods import METHODS, attach_vision, build_head, build_refiner, head_record
+from fusioner.model.head import FusionHead
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -59,9 +61,12 @@ class FusionerModel(nn.Module):
         text_weights: str | None = None,
         image_size: int = 384,
         threshold: float = 0.5,
+        refiner: Any | None = None,
     ) -> None:
         super().__init__()
         self.head = head
+        # Training-free logit refiner (fusioner/methods, config key ``refine``), run by inference.py.
+        self.refiner = refiner
         self.vision = vision
         self.text = text
         self.vision_weights = vision_weights
@@ -79,15 +84,16 @@ class FusionerModel(nn.Module):
                 f"config key 'image_size': {config.image_size} is not a multiple of {vision.name}'s "
                 f"patch size {vision.patch_size}"
             )
-        head = FusionHead(HeadConfig.from_config(config, vision.embed_dim, text.embed_dim))
+        head = build_head(config, vision, text)  # config key ``method`` (fusioner/methods)
         return cls(
             head,
-            vision,
+            attach_vision(head, vision),
             text,
             vision_weights=config.vision_weights,
             text_weights=config.text_weights,
             image_size=config.image_size,
             threshold=config.threshold,
+            refiner=build_refiner(config),
         )
 
     def logits(
@@ -135,7 +141,8 @@ class FusionerModel(nn.Module):
             "templates": list(self.text.templates),
             "image_size": self.image_size,
             "threshold": self.threshold,
-            "head": asdict(self.head.config),
+            **head_record(self.head),  # "method" and "head"
+            "refine": self.refiner.record() if self.refiner is not None else {"refine": "none"},
         }
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -149,7 +156,7 @@ class FusionerModel(nn.Module):
     def from_pretrained(cls, source: str | Path, **adapter_kwargs: Any) -> FusionerModel:
         """Load from a saved model folder, a run directory (``RUN/model``) or a Hub repo id."""
         folder = _resolve_model_folder(source)
-        record = read_json(folder / CONFIG_NAME, "model config")
+        record = _read_record(folder / CONFIG_NAME)
         vision = create_vision(
             record["vision"], record.get("vision_weights"), **adapter_kwargs.get("vision", {})
         )
@@ -159,22 +166,86 @@ class FusionerModel(nn.Module):
             templates=record["templates"],
             **adapter_kwargs.get("text", {}),
         )
-        head = FusionHead(HeadConfig(**record["head"]))
-        state = load_file(str(folder / WEIGHTS_NAME))
-        missing, unexpected = head.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise FusionerError(
-                f"{folder / WEIGHTS_NAME} does not fit the head in {folder / CONFIG_NAME}: "
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        method = record.get("method", "fusioner")  # models saved before methods existed: fusioner
+        head = _build_head(folder / CONFIG_NAME, record["head"], vision, text, method)
+        _load_head_weights(head, folder / WEIGHTS_NAME, folder / CONFIG_NAME)
         return cls(
             head,
-            vision,
+            attach_vision(head, vision),
             text,
             vision_weights=record.get("vision_weights"),
             text_weights=record.get("text_weights"),
             image_size=record["image_size"],
             threshold=record["threshold"],
+            refiner=build_refiner(record.get("refine", {})),
+        )
+
+
+# What config.json must hold to rebuild a model (the rest has defaults).
+_RECORD_KEYS = ("vision", "text", "templates", "image_size", "threshold", "head")
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A saved model's config.json, or a FusionerError naming the file and what is wrong with it."""
+    try:
+        record = read_json(path, "model config")
+    except FusionerError as e:
+        raise FusionerError(f"{e} (cut off or edited? save or download the model again)") from None
+    if not isinstance(record, dict):
+        raise FusionerError(f"model config {path}: expected a JSON object, got {type(record).__name__}")
+    if missing := [k for k in _RECORD_KEYS if k not in record]:
+        raise FusionerError(f"model config {path}: key(s) {', '.join(missing)} missing")
+    if not isinstance(record["head"], dict):
+        raise FusionerError(f"model config {path}: key 'head' must be an object of head settings")
+    return record
+
+
+def _build_head(
+    path: Path, settings: dict[str, Any], vision: VisionAdapter, text: TextAdapter, method: str = "fusioner"
+) -> nn.Module:
+    """The head ``config.json`` describes, refused where its widths do not fit the two backbones."""
+    if method not in METHODS:
+        raise FusionerError(f"model config {path}: method {method!r} is not one of {', '.join(METHODS)}")
+    config_cls, head_cls = METHODS[method].config_cls, METHODS[method].head_cls
+    known = {f.name for f in fields(config_cls)}
+    if unknown := sorted(set(settings) - known):
+        raise FusionerError(f"model config {path}: unknown head key(s) {', '.join(unknown)}")
+    for key, adapter, side in (("vision_dim", vision, "vision"), ("text_dim", text, "text")):
+        if key not in settings:
+            raise FusionerError(f"model config {path}: key 'head.{key}' missing")
+        if settings[key] != adapter.embed_dim:
+            raise FusionerError(
+                f"model config {path}: head.{key} is {settings[key]!r}, but the {side} backbone "
+                f"{adapter.name!r} gives features {adapter.embed_dim} wide; the head and the backbone "
+                "must agree (was config.json edited?)"
+            )
+    try:
+        return head_cls(config_cls(**settings))
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise FusionerError(f"model config {path}: its head settings build no head: {e}") from None
+
+
+def _load_head_weights(head: FusionHead, weights: Path, config: Path) -> None:
+    """Load ``model.safetensors`` into ``head``, naming the file and what is wrong with it."""
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise FusionerError(
+            f"model weights {weights} cannot be read ({e}): truncated or not a safetensors file; "
+            "save or download the model again"
+        ) from None
+    own = head.state_dict()
+    if mismatched := [k for k in state if k in own and state[k].shape != own[k].shape]:
+        k = mismatched[0]
+        raise FusionerError(
+            f"model weights {weights} do not fit the head in {config}: {k} is "
+            f"{tuple(state[k].shape)} there, {tuple(own[k].shape)} in the head config.json describes "
+            f"({len(mismatched)} tensor(s) differ)"
+        )
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise FusionerError(
+            f"{weights} does not fit the head in {config}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
 
 

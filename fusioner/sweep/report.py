@@ -30,7 +30,12 @@ class Row:
     error: str = ""
 
 
-METRIC_COLUMNS = ("miou", "fbiou", "gzss_miou_seen", "gzss_miou_unseen", "gzss_hiou")
+METRIC_COLUMNS = (
+    "miou", "fbiou", "gzss_miou_seen", "gzss_miou_unseen", "gzss_hiou",
+    "gzss_cal_miou_seen", "gzss_cal_miou_unseen", "gzss_cal_hiou",
+)  # fmt: skip
+# The ablation axis whose ``True`` rows are the other rows' baseline (seen names' embeddings shuffled).
+BASELINE_AXIS = "shuffle_names"
 
 
 def collect(sweep_dir: str | Path) -> list[Row]:
@@ -100,11 +105,59 @@ def results_markdown(rows: list[Row], title: str) -> str:
         lines.append("|---" * (len(texts) + 1) + "|")
         for v in visions:
             lines.append(f"| {v} | " + " | ".join(_cell_text(table.get((v, t), [])) for t in texts) + " |")
+    lines += comparison_markdown(rows)
     failed = [r for r in rows if r.state == FAILED]
     if failed:
         lines += ["", "## Failed runs", ""]
         lines += [f"- `{r.name}`: {r.error} (see {r.name}/{ERROR})" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def _is_true(label: str) -> bool:
+    return label.strip().lower() in ("true", "1", "yes")
+
+
+def comparison_markdown(rows: list[Row]) -> list[str]:
+    """One line per design (every run label but fold; folds averaged): 1-way mIoU and FB-IoU beside
+    calibrated GZSS seen / unseen / hIoU, and, when the sweep has a ``shuffle_names`` axis, each
+    design's shuffled-names baseline next to it (1-way alone does not separate designs: a random
+    tiny ViT already scores most of EfficientNet-Lite0's 1-way on CCP)."""
+    extra = _ordered(k for r in rows for k in r.labels if k not in ("fold",))
+    baseline = any(BASELINE_AXIS in r.labels for r in rows)
+    keys = [k for k in extra if k != BASELINE_AXIS]
+    groups: dict[tuple[str, ...], dict[bool, list[Row]]] = {}
+    for r in rows:
+        shuffled = baseline and _is_true(r.labels.get(BASELINE_AXIS, "false"))
+        groups.setdefault(tuple(r.labels.get(k, "") for k in keys), {}).setdefault(shuffled, []).append(r)
+    if not baseline and all(k in NAME_KEYS for k in keys):
+        return []  # a plain backbone sweep: the vision x text tables say it all
+
+    def mean(runs: list[Row], metric: str) -> str:
+        return pct(_mean(r.metrics.get(metric, math.nan) for r in runs if r.state == DONE))
+
+    head = ["1-way mIoU", "FB-IoU", "cal. GZSS seen", "cal. GZSS unseen", "cal. hIoU"]
+    if baseline:
+        head += ["shuffled: 1-way mIoU", "shuffled: cal. hIoU"]
+    lines = [
+        "",
+        "## Designs side by side",
+        "",
+        "Calibrated GZSS: every name in one pass, `seen_bias` chosen on val (%); folds averaged.",
+        "",
+        "| " + " | ".join([*keys, *head]) + " |",
+        "|---" * (len(keys) + len(head)) + "|",
+    ]
+    metrics = ("miou", "fbiou", "gzss_cal_miou_seen", "gzss_cal_miou_unseen", "gzss_cal_hiou")
+    for key, by_shuffle in groups.items():
+        runs = by_shuffle.get(False, [])
+        if not runs:
+            continue
+        cells = [mean(runs, m) for m in metrics]
+        if baseline:
+            shuffled = by_shuffle.get(True, [])
+            cells += [mean(shuffled, "miou"), mean(shuffled, "gzss_cal_hiou")] if shuffled else ["–", "–"]
+        lines.append("| " + " | ".join([*key, *cells]) + " |")
+    return lines
 
 
 def results_csv(rows: list[Row]) -> str:

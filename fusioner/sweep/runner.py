@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fusioner.errors import ConfigError, FusionerError
+from fusioner.errors import FusionerError
 from fusioner.io import atomic_write_json, atomic_write_text
 from fusioner.run import DONE, FAILED
 from fusioner.sweep.expand import Run, Sweep, write_plan
@@ -33,33 +33,13 @@ log = logging.getLogger(__name__)
 
 EVENTS = "runs.jsonl"  # one line per attempted run, appended
 STATUS = "status.json"  # every run's state, rewritten after each attempt
-# Keys that change how a run executes but not what it computes: a run may resume under new values.
-RUNTIME_KEYS = frozenset(
-    ("out_dir", "cache_dir", "use_cache", "num_workers", "eval_batch_size", "log_every", "checkpoint_every")
-    + ("precision", "compile")
-)
 SKIPPED = "skipped"  # the outcome of a run found done
 
 
 def check_same_config(run: Run) -> None:
-    """Refuse to resume (or skip) a run directory whose progress was made with a different config.
-
-    A run that failed before its first checkpoint (a wrong data_path, say) holds nothing to keep,
-    so it starts over under the new config.
-    """
-    files = run.run_dir
-    progress = files.has_metrics() or files.is_trained() or files.latest_checkpoint() is not None
-    if not files.config.is_file() or not progress:
-        return
-    before, now = files.read_config().to_dict(), run.config.to_dict()
-    changed = [
-        f"{k}: {before[k]!r} -> {v!r}" for k, v in now.items() if k not in RUNTIME_KEYS and before[k] != v
-    ]
-    if changed:
-        raise ConfigError(
-            f"{run.dir} was started with another config ({'; '.join(changed[:4])}); "
-            f"delete it or sweep into another out_dir"
-        )
+    """Refuse to resume (or skip) a run directory whose progress was made with a different config:
+    the rule of ``train --resume`` (:meth:`fusioner.run.RunDir.check_resumable`)."""
+    run.run_dir.check_resumable(run.config, "delete it or sweep into another out_dir")
 
 
 # -- running -----------------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""Name -> method / refiner / pseudo-label registries. Imports nothing of fusioner's models.
+
+A *method* is a trainable head with the Fusioner head's contract: ``head(tokens b n cv, grid, text
+b k ct | k ct, size=None) -> logits b k h w`` (cosine x ``head.scale``, one independent sigmoid mask
+per name), a frozen ``head.config`` dataclass that ``save_pretrained`` records, and ``head.scale``.
+``fusioner/methods/__init__.py`` imports the implementations, whose registrations fill the tables
+(timm's habit), so ``config.py`` reads its choices from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Method:
+    """One head design: how to build its config and module, and where its dense features are."""
+
+    name: str
+    config_cls: type  # a frozen dataclass; config_cls(**record["head"]) rebuilds a saved head
+    head_cls: type[nn.Module]
+    # (config, vision adapter, text adapter) -> config_cls instance.
+    from_config: Callable[[Any, Any, Any], Any]
+    # Submodule whose output is the head's dense (per-patch or per-pixel) visual features, and its
+    # width: what the CLIP-ZSS global term pools (fusioner/methods/objective.py).
+    dense_module: str
+    dense_dim: Callable[[nn.Module], int]
+
+
+METHODS: dict[str, Method] = {}
+
+# name -> builder(settings mapping) -> refiner or None. The settings are a Config's keys or the
+# ``refine`` record of a saved model, so a refiner is rebuilt by name like the adapters.
+REFINERS: dict[str, Callable[..., Any]] = {}
+
+# name -> pseudo-label maker (fusioner/methods/pseudo_labels.py); "none" means no pseudo-classes.
+PSEUDO_LABELS: dict[str, Callable[..., Any] | None] = {"none": None}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def register_refiner(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(builder: Callable[..., Any]) -> Callable[..., Any]:
+        REFINERS[name] = builder
+        return builder
+
+    return decorate
+
+
+def method_of(head: nn.Module) -> Method:
+    """The registered method whose head class ``head`` is (compiled / wrapped heads unwrapped)."""
+    head = getattr(head, "_orig_mod", getattr(head, "module", head))
+    for method in METHODS.values():
+        if type(head) is method.head_cls:
+            return method
+    raise KeyError(f"{type(head).__name__} is no registered method's head; known: {', '.join(METHODS)}")
