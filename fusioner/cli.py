@@ -39,11 +39,12 @@ def _overrides(extra: list[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     from fusioner.config import load_config
-    from fusioner.engine.train import train
+    from fusioner.engine.train import process_state, train
 
     config = load_config(args.config, _overrides(extra))
     result = train(config, resume=args.resume)
-    print(f"trained {result.steps} steps; model in {result.out_dir / 'model'}")
+    if process_state().is_main_process:  # under a launcher every process returns here
+        print(f"trained {result.steps} steps; model in {result.out_dir / 'model'}")
 
 
 def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:

@@ -130,6 +130,20 @@ def test_segment_gives_labels_probabilities_and_shares_at_the_photo_size(run_dir
     assert result.overlay().width == size[0]
 
 
+def test_spectral_refinement_can_be_chosen_per_request_and_leaves_the_model_as_saved(run_dir):
+    model = FusionerModel.from_pretrained(run_dir).eval()
+    assert model.refiner is None
+    with Image.open(ccp_photo()) as im:
+        raw = segment(model, im, NAMES, Settings(threshold=0.5))
+        refined = segment(model, im, NAMES, Settings(threshold=0.5, refine="spectral"))
+        again = segment(model, im, NAMES, Settings(threshold=0.5, refine="none"))
+        with pytest.raises(FusionerError, match="refinement must be one of none, spectral, got 'crf'"):
+            segment(model, im, NAMES, Settings(threshold=0.5, refine="crf"))
+    assert not np.allclose(raw.probabilities, refined.probabilities)  # the eigen-segments moved them
+    np.testing.assert_array_equal(raw.probabilities, again.probabilities)
+    assert model.refiner is None  # the swap is undone
+
+
 def test_calibration_is_read_from_the_runs_metrics_and_moves_pixels_off_seen_names(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
@@ -211,6 +225,10 @@ def test_browser_uploads_a_photo_types_names_and_gets_overlay_legend_and_label_m
             # An example row fills the image and the names; Segment runs on them.
             if (CCP / "images" / "0002.jpg").is_file():
                 page.get_by_text("skin, hair, dress, bag").click()
+                # The example fills the fields asynchronously: segment only once the names are in.
+                sync_api.expect(page.get_by_label("names (comma-separated)")).to_have_value(
+                    "skin, hair, dress, bag", timeout=30_000
+                )
                 page.get_by_role("button", name="Segment").click()
                 sync_api.expect(page.locator("#status")).to_contain_text("4 names", timeout=60_000)
         finally:

@@ -100,8 +100,9 @@ def test_resume_under_another_config_is_refused_naming_keys_and_values(finished_
     assert err == (
         f"fusioner train: error: {run} was started with another config (unseen_classes: ['cow', 'sheep'] "
         f"-> ['cow', 'horse']; lr: 0.002 -> 0.2), recorded in {run / 'config.yaml'}; a resumed run may "
-        "change only cache_dir, checkpoint_every, compile, eval_batch_size, log_every, num_workers, "
-        f"out_dir, precision, use_cache: set them back, or train into another out_dir (not {run})"
+        "change only cache_dir, checkpoint_every, compile, data_root, eval_batch_size, log_every, "
+        "num_workers, out_dir, precision, use_cache: set them back, or train into another out_dir "
+        f"(not {run})"
     )
     after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     assert after == before  # config.yaml not rewritten, nothing else touched

@@ -15,9 +15,17 @@ import gradio as gr
 import torch
 from PIL import Image, ImageOps
 
-from fusioner.demo.segment import Calibration, Settings, parse_names, read_calibration, segment
+from fusioner.demo.segment import (
+    Calibration,
+    Settings,
+    parse_names,
+    read_calibration,
+    refiner_name,
+    segment,
+)
 from fusioner.errors import FusionerError
 from fusioner.inference import MODES
+from fusioner.methods import REFINERS
 from fusioner.model import FusionerModel
 
 # Beside a checkout (../shared/data/ccp, see README): real street photos to try; absent in a Space.
@@ -126,11 +134,16 @@ def build_app(model_source: str | None, *, examples: Sequence[Sequence[str]] | N
         # The parameter names are the API's (gradio_client: predict(image, names, threshold, ...)); a new
         # control is a Settings field, a component in _controls and a parameter here, in that order.
         def run(
-            image: dict[str, Any] | None, names: str, threshold: float, seen_bias: float, mode: str
+            image: dict[str, Any] | None,
+            names: str,
+            threshold: float,
+            seen_bias: float,
+            mode: str,
+            refine: str = "",
         ) -> tuple[Any, ...]:
             photo = open_upload(image)
             try:
-                settings = Settings(threshold=float(threshold), seen_bias=float(seen_bias), mode=mode)
+                settings = Settings(float(threshold), float(seen_bias), mode, refine)
                 result = segment(model, photo, parse_names(names), settings, calibration)
             except FusionerError as e:
                 raise gr.Error(str(e)) from None
@@ -165,7 +178,12 @@ def _controls(model: FusionerModel, calibration: Calibration | None) -> list[gr.
         visible=calibration is not None,
     )
     mode = gr.Radio(list(MODES), value="fixed", label="inference (fixed: resized; sliding: windows)")
-    return [threshold, seen_bias, mode]
+    refine = gr.Radio(
+        list(REFINERS),
+        value=refiner_name(model),
+        label="refinement (spectral: SAZS eigen-segments of the patch tokens, training-free)",
+    )
+    return [threshold, seen_bias, mode, refine]
 
 
 def _header(model: FusionerModel, source: str, calibration: Calibration | None) -> str:

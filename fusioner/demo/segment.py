@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from PIL import Image
 
 from fusioner.errors import FusionerError
 from fusioner.inference import MODES, labels_from_logits
+from fusioner.methods import REFINERS, build_refiner
 from fusioner.model import FusionerModel
 from fusioner.predict import MAX_NAMES
 from fusioner.run import RunDir
@@ -36,6 +39,7 @@ class Settings:
     threshold: float
     seen_bias: float = 0.0
     mode: str = "fixed"
+    refine: str = ""  # a name of fusioner.methods.REFINERS; "" = the model's own (as trained)
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,32 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
 
 
+def refiner_name(model: FusionerModel) -> str:
+    """The name of the refiner the model was saved with (``none`` when it has none)."""
+    return model.refiner.record()["refine"] if model.refiner is not None else "none"
+
+
+@contextmanager
+def refiner_as(model: FusionerModel, name: str) -> Iterator[None]:
+    """Run with refiner ``name`` (its default settings) in place of the model's own; "" keeps the model's.
+
+    Refinement is training-free (fusioner/methods/spectral.py), so any model can be asked with or
+    without it. The swap is undone on exit; the page runs one request at a time (Gradio's default
+    concurrency of 1 per event), so no other request sees it.
+    """
+    if name and name not in REFINERS:
+        raise FusionerError(f"refinement must be one of {', '.join(REFINERS)}, got {name!r}")
+    if not name or name == refiner_name(model):
+        yield
+        return
+    own = model.refiner
+    model.refiner = build_refiner({"refine": name})
+    try:
+        yield
+    finally:
+        model.refiner = own
+
+
 @torch.no_grad()
 def segment(
     model: FusionerModel,
@@ -175,7 +205,8 @@ def segment(
     start = time.perf_counter()
     pixels = to_tensor(image)
     device = next(model.head.parameters()).device
-    logits = model.logits(pixels.to(device), names, mode=settings.mode)  # k h w
+    with refiner_as(model, settings.refine):
+        logits = model.logits(pixels.to(device), names, mode=settings.mode)  # k h w
     seen = [n for n in names if calibration and n in calibration.seen] if settings.seen_bias else []
     flags = torch.tensor([n in seen for n in names]) if seen else None
     labels = labels_from_logits(

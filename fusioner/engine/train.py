@@ -3,6 +3,12 @@
 Every random choice of a training example (flip, negative names) is drawn from
 ``(seed, virtual index)``, and the epoch order from ``(seed, epoch)``, so a run resumed from a
 checkpoint sees exactly the batches an uninterrupted run would have seen.
+
+Several processes (``accelerate launch``, ``torchrun``) train one run together: each takes every
+N-th batch of that order, so the global batch is ``batch_size x processes x grad_accum``; DDP
+averages the processes' gradients, which makes N processes x ``batch_size`` the same update as one
+process with ``grad_accum`` N (``tests/test_ddp.py``). Only the main process writes the run
+directory; the feature cache is encoded by one process while the others wait on its lock.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import DistributedType
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 from torch import Tensor, nn
@@ -35,7 +42,7 @@ from fusioner.data.base import IGNORE, SegDataset
 from fusioner.data.transforms import resize
 from fusioner.engine.cache import FeatureCache, prepare_cache
 from fusioner.engine.losses import mask_loss, rank_loss, resize_labels
-from fusioner.errors import FusionerError
+from fusioner.errors import ConfigError, FusionerError
 from fusioner.io import read_json
 from fusioner.methods import build_objective
 from fusioner.model import FusionerModel
@@ -224,7 +231,8 @@ def _save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int) -> Path
     """``save_state`` into a temporary folder renamed into place: never a half-written checkpoint.
 
     Its trainer_state.json records the step and every file's size, so a file truncated or lost
-    later is found before anything is loaded from it (:func:`_check_checkpoint`).
+    later is found before anything is loaded from it (:func:`_check_checkpoint`), and the number of
+    processes that wrote it, which a resume must match (:func:`_check_processes`).
     """
     final = RunDir(out_dir).checkpoint(step)
     if final.exists():
@@ -237,7 +245,8 @@ def _save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int) -> Path
     accelerator.wait_for_everyone()  # every process's random states are in tmp before it is sealed
     if accelerator.is_main_process:
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "files": files}))
+        state = {"step": step, "processes": accelerator.num_processes, "files": files}
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
         os.replace(tmp, final)
         for old in RunDir(out_dir).list_checkpoints()[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
@@ -268,6 +277,23 @@ def _check_checkpoint(ckpt: Path) -> int:
     return expected
 
 
+def _check_processes(ckpt: Path, processes: int) -> None:
+    """Refuse to resume ``ckpt`` with another number of processes than wrote it.
+
+    The global batch is ``batch_size x processes x grad_accum`` and the data position of a resume is
+    counted in each process's batches: with another count the run would skip the wrong examples and
+    continue with another batch size, yet claim to be the run its config.yaml describes. Checkpoints
+    written before the count was recorded are not checked.
+    """
+    written = read_json(ckpt / CHECKPOINT_STATE, "checkpoint state").get("processes", processes)
+    if written != processes:
+        raise ConfigError(
+            f"{ckpt} was written by {written} training processes and this launch has {processes}: "
+            f"resume with {written} (e.g. `accelerate launch --num_processes {written}`), since the global "
+            "batch is batch_size x processes x grad_accum; or train into another out_dir"
+        )
+
+
 # What loading a damaged accelerate state raises: torch.load of a cut zip (RuntimeError, EOFError,
 # UnpicklingError), safetensors (SafetensorError), a missing file (OSError), a wrong shape (RuntimeError).
 _LOAD_ERRORS = (FusionerError, OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
@@ -285,6 +311,13 @@ def _resume(accelerator: Accelerator, run: RunDir) -> int:
     for ckpt in reversed(run.list_checkpoints()):
         try:
             step = _check_checkpoint(ckpt)
+        except FusionerError as e:
+            log.warning("checkpoint %s is damaged: %s; trying the one before", ckpt, e)
+            damaged.append((ckpt, str(e)))
+            continue
+        # Outside the try: a count that differs is no damage, and the checkpoint before has it too.
+        _check_processes(ckpt, accelerator.num_processes)
+        try:
             accelerator.load_state(str(ckpt))
         except (*_LOAD_ERRORS, SafetensorError) as e:
             reason = str(e) if isinstance(e, FusionerError) else f"{type(e).__name__}: {e}"
@@ -324,6 +357,24 @@ def _logged_steps(loss_log: Path, step: int) -> list[str]:
     return kept
 
 
+def _cpu_only() -> bool:
+    """Whether accelerate must be told to stay on the CPU: this machine has no accelerator device.
+
+    Without ``cpu=True``, accelerate under torchrun on a CPU-only machine forms no process group:
+    every process trains alone on the whole data (DistributedType.NO) and each writes the run as
+    its main process. With it, the processes join one gloo group (MULTI_CPU); a single process
+    started without a launcher stays a plain run.
+    """
+    probe = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ... in one call
+    return not (probe.is_available() if probe is not None else torch.cuda.is_available())
+
+
+def process_state() -> PartialState:
+    """This process's place in the launch; the same ``cpu`` choice as the Accelerator of ``_train``
+    (the state is one per process: whichever asks first fixes it)."""
+    return PartialState(cpu=_cpu_only())
+
+
 def _precision(config: Config) -> str:
     if config.precision != "auto":
         return config.precision
@@ -334,7 +385,8 @@ def _precision(config: Config) -> str:
 class TrainResult:
     out_dir: Path
     steps: int
-    losses: list[float]  # one per optimizer step of this process's run (resumed runs: from the resume)
+    # One per optimizer step (resumed runs: from the resume), each the mean over the processes.
+    losses: list[float]
     model: FusionerModel
 
 
@@ -346,8 +398,10 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
     anything but runtime keys.
     """
     run = RunDir(config.out_dir)
-    # Only the main process locks: the others of a multi-process launch train into the same directory.
-    with run.locked() if PartialState().is_main_process else nullcontext():
+    main = process_state().is_main_process
+    # Only the main process locks (and writes): the others of a multi-process launch train into the
+    # same directory. They make the same checks on the same files, so all refuse together.
+    with run.locked() if main else nullcontext():
         has_checkpoints = run.latest_checkpoint() is not None
         if not resume and has_checkpoints:
             raise FusionerError(
@@ -357,18 +411,35 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
             run.check_resumable(config, f"set them back, or train into another out_dir (not {run.path})")
             if not has_checkpoints:
                 log.warning("--resume: no checkpoint in %s, starting from scratch", run.checkpoints)
-        save_config(config, run.config)
+        if main:
+            save_config(config, run.config)
         return _train(config, run, has_checkpoints and resume, split)
 
 
 def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> TrainResult:
     out_dir = run.path
     accelerator = Accelerator(
+        cpu=_cpu_only(),
         mixed_precision=_precision(config),
         gradient_accumulation_steps=config.grad_accum,
+        # The scheduler is stepped once per optimizer step, below. Tied to the optimizer, accelerate
+        # steps it once per process per step, so N processes ran the warmup and cosine N times
+        # faster than the `total` optimizer steps they are laid out over.
+        step_scheduler_with_optimizer=False,
         log_with="tensorboard",
         project_dir=str(out_dir),
     )
+    if accelerator.distributed_type != DistributedType.NO:
+        log.info(
+            "process %d of %d (%s); global batch %d = batch_size %d x %d processes x grad_accum %d",
+            accelerator.process_index,
+            accelerator.num_processes,
+            accelerator.distributed_type.value,
+            config.batch_size * accelerator.num_processes * config.grad_accum,
+            config.batch_size,
+            accelerator.num_processes,
+            config.grad_accum,
+        )
     set_seed(config.seed)
     split = split or build_split(config)
     if not split.seen:
@@ -381,6 +452,10 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
     vocab = model.text(split.seen)  # v ct, encoded once per vocabulary
     if config.shuffle_names:
         vocab = vocab[torch.randperm(len(vocab), generator=torch.Generator().manual_seed(config.seed))]
+    # Every process opens the cache at once. The cache's fill lock makes the first one encode and the
+    # others wait for it, then read what it wrote: each image is encoded once. Not main_process_first:
+    # its barrier is a collective that times out (10 min under NCCL) while a first fill of a large
+    # set takes longer; a file lock waits as long as the fill takes.
     source = (
         CachedSource(
             prepare_cache(config, model.vision, split.train, device),
@@ -420,8 +495,9 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
     step = _resume(accelerator, run) if resume else 0
     batches = accelerator.skip_first_batches(loader, step * config.grad_accum) if step else loader
     loss_log = run.losses
-    kept = _logged_steps(loss_log, step) if step and loss_log.exists() else []
-    loss_log.write_text("".join(ln + "\n" for ln in kept))
+    if accelerator.is_main_process:  # one writer: the others' lines would interleave with its own
+        kept = _logged_steps(loss_log, step) if step and loss_log.exists() else []
+        loss_log.write_text("".join(ln + "\n" for ln in kept))
 
     losses: list[float] = []
     running: list[float] = []
@@ -429,7 +505,7 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
         total=total, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process
     )
     head.train()
-    with loss_log.open("a") as log_file:
+    with loss_log.open("a") if accelerator.is_main_process else nullcontext() as log_file:
         for batch in batches:
             if step >= total:
                 break
@@ -449,29 +525,40 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
                     loss = head_loss(
                         head, tokens, grid, vocab, class_idx, target, config.dice_weight, config.ce_weight
                     )
-                if not torch.isfinite(loss):
+                # The mean over the processes: what one process with their examples would log, and
+                # non-finite on every process when it is on one, so all stop here together instead
+                # of the others waiting forever in backward for the one that stopped.
+                mean_loss = accelerator.reduce(loss.detach(), reduction="mean")
+                if not torch.isfinite(mean_loss):
                     # Stop before the update: the last checkpoint on disk stays the last good one.
                     last = latest_checkpoint(out_dir)
                     raise FusionerError(
-                        f"training diverged: the loss is {loss.item()} at step {step + 1}; "
+                        f"training diverged: the loss is {mean_loss.item()} at step {step + 1}; "
                         f"last good checkpoint: {last or 'none yet'} (try a lower lr or a larger temperature)"
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.clip_grad > 0:
                     accelerator.clip_grad_norm_(head.parameters(), config.clip_grad)
                 optimizer.step()
-                scheduler.step()
+                # Once per optimizer step (not on accumulation steps, nor after an fp16 step the
+                # grad scaler skipped), as accelerate does for a scheduler tied to the optimizer.
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
                 optimizer.zero_grad()
-            running.append(loss.item())
+            running.append(mean_loss.item())
             if not accelerator.sync_gradients:
                 continue
             step += 1
             value = float(np.mean(running))
             running = []
             losses.append(value)
-            log_file.write(json.dumps({"step": step, "loss": value, "lr": scheduler.get_last_lr()[0]}) + "\n")
+            if log_file is not None:
+                log_file.write(
+                    json.dumps({"step": step, "loss": value, "lr": scheduler.get_last_lr()[0]}) + "\n"
+                )
+                if step % config.log_every == 0 or step == total:
+                    log_file.flush()
             if step % config.log_every == 0 or step == total:
-                log_file.flush()
                 accelerator.log({"loss": value, "lr": scheduler.get_last_lr()[0]}, step=step)
             bar.set_postfix(loss=f"{value:.4f}")
             bar.update()

@@ -146,10 +146,10 @@ def run_sweep(
 ) -> SweepResult:
     """Run this shard's runs one after another, each in-process (so ``accelerate launch`` spreads
     every run over its processes); returns what happened to each."""
-    from accelerate import PartialState
+    from fusioner.engine.train import process_state
 
     runs = sweep.shard(*shard)
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         sweep.dir.mkdir(parents=True, exist_ok=True)
         write_plan(sweep)
