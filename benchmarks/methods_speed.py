@@ -6,17 +6,16 @@ Each design's model is built from ``configs/folder/ccp.yaml`` (EfficientNet-Lite
 one image at a time, after one warm-up image. Training time per design is in QUALITY.md's rows
 (``benchmarks/quality.py`` records each row's CPU seconds).
 
-    OMP_NUM_THREADS=1 python benchmarks/methods_speed.py --images 20
+    python benchmarks/methods_speed.py --threads 1 --images 20      # about 3 minutes
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
+from common import Bench, add_common_args, markdown_table, report, setup
 
 from fusioner.config import load_config
 from fusioner.model import FusionerModel
@@ -40,25 +39,34 @@ def names() -> list[str]:
 
 
 @torch.no_grad()
-def images_per_second(overrides: list[str], images: int, vocabulary: list[str]) -> float:
+def seconds_per_image(bench: Bench, overrides: list[str], images: int, vocabulary: list[str]) -> float:
     model = FusionerModel.from_config(load_config(CCP_CONFIG, overrides)).eval()
-    photos = torch.rand(images + 1, 3, 400, 600, generator=torch.Generator().manual_seed(0))
-    model.logits(photos[0], vocabulary)  # warm-up: text embeddings cached, kernels chosen
-    start = time.perf_counter()
-    for photo in photos[1:]:
-        model.logits(photo, vocabulary)
-    return images / (time.perf_counter() - start)
+    photos = torch.rand(images, 3, 400, 600, generator=torch.Generator().manual_seed(0))
+    # One warm-up image: the text embeddings get cached and kernels chosen.
+    times = bench.measure(lambda: [model.logits(p, vocabulary) for p in photos], warmup=1, repeats=1)
+    return times[0] / images
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--designs", nargs="*", default=list(DESIGNS), choices=list(DESIGNS))
+    add_common_args(parser)
     args = parser.parse_args()
-    vocabulary = names()
+    bench = setup(args)
+    if bench.device.type != "cpu":
+        raise SystemExit("methods_speed.py measures the CPU: pass --device cpu")
+    env, vocabulary = bench.environment(), names()
+    rows = []
     for design in args.designs:
-        rate = images_per_second(DESIGNS[design], args.images, vocabulary)
-        print(json.dumps({"design": design, "images_per_s": round(rate, 2), "names": len(vocabulary)}))
+        seconds = seconds_per_image(bench, DESIGNS[design], args.images, vocabulary)
+        rows.append([design, f"{1 / seconds:.2f}", f"{seconds * 1e3:,.0f}"])
+        print(f"{design}: {1 / seconds:.2f} images/s", flush=True)
+    table = markdown_table(["design", "images/s", "ms per image"], rows)
+    setting = f"{args.images} random 400x600 photos, all {len(vocabulary)} CCP names in one pass each."
+    body = f"{setting}\n\n{table}"
+    report("Inference speed of each design on CPU (methods_speed.py)", env, body, results=bench.results)
 
 
 if __name__ == "__main__":

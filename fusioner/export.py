@@ -46,7 +46,7 @@ import fusioner
 from fusioner.adapters.base import TextAdapter, VisionOutput
 from fusioner.adapters.hf_text import POOLINGS, HFText
 from fusioner.errors import FusionerError
-from fusioner.inference import batch_logits, labels_from_logits
+from fusioner.inference import batch_logits, labels_of
 from fusioner.io import read_json
 from fusioner.model import FusionerModel
 from fusioner.model.model import CONFIG_NAME, _check_pixels
@@ -503,11 +503,7 @@ class OnnxPredictor:
         self, images: Tensor | Sequence[Tensor], names: Sequence[str], *, mode: str = "fixed"
     ) -> Tensor | list[Tensor]:
         """Labels ``h w`` per image: 0 = background, i = names[i - 1] (as :meth:`FusionerModel.predict`)."""
-        logits = self.logits(images, names, mode=mode)
-        if isinstance(logits, Tensor) and logits.ndim == 3:
-            return labels_from_logits(logits[None], self.threshold)[0]
-        labels = [labels_from_logits(one[None], self.threshold)[0] for one in logits]
-        return torch.stack(labels) if isinstance(logits, Tensor) else labels
+        return labels_of(self.logits(images, names, mode=mode), self.threshold)
 
 
 def predict_onnx(directory: str, images: list[str], names: list[str], out: Path) -> list[Path]:

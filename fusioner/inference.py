@@ -42,6 +42,15 @@ def labels_from_logits(
     return torch.where(best.float().sigmoid() >= threshold, index + 1, torch.zeros_like(index))
 
 
+def labels_of(logits: Tensor | list[Tensor], threshold: float) -> Tensor | list[Tensor]:
+    """What ``predict`` returns for what ``logits`` returned: ``k h w`` -> ``h w``, ``b k h w`` ->
+    ``b h w``, a list of ``k h w`` -> a list of ``h w`` (0 = background, i = names[i - 1])."""
+    if isinstance(logits, Tensor) and logits.ndim == 3:
+        return labels_from_logits(logits[None], threshold)[0]
+    labels = [labels_from_logits(one[None], threshold)[0] for one in logits]
+    return torch.stack(labels) if isinstance(logits, Tensor) else labels
+
+
 def _head_logits(
     model, tokens: Tensor, grid: tuple[int, int], text: Tensor, image: Tensor | None = None
 ) -> Tensor:

@@ -10,21 +10,19 @@ import sys
 
 from tqdm import tqdm
 
-from fusioner.data.ov.prepare import prepare_ade150
-from fusioner.errors import FusionerError
+from fusioner.data.ov.prepare import prepare_ade150, run_script
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root", help="the ADEChallengeData2016 folder (holding annotations/validation)")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         written = prepare_ade150(args.root, progress=tqdm)
-    except FusionerError as e:
-        print(f"prepare_ade150: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {written} label maps under {args.root}")
-    return 0
+        return f"wrote {written} label maps under {args.root}"
+
+    return run_script("prepare_ade150", work)
 
 
 if __name__ == "__main__":

@@ -10,21 +10,19 @@ import sys
 
 from tqdm import tqdm
 
-from fusioner.data.ov.prepare import prepare_ade847
-from fusioner.errors import FusionerError
+from fusioner.data.ov.prepare import prepare_ade847, run_script
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root", help="the ADE20K_2021_17_01 folder (holding index_ade20k.pkl)")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         written = prepare_ade847(args.root, progress=tqdm)
-    except FusionerError as e:
-        print(f"prepare_ade847: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {written} label maps under {args.root}")
-    return 0
+        return f"wrote {written} label maps under {args.root}"
+
+    return run_script("prepare_ade847", work)
 
 
 if __name__ == "__main__":

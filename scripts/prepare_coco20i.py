@@ -11,8 +11,7 @@ import sys
 
 from tqdm import tqdm
 
-from fusioner.data.ov.prepare import prepare_coco20i
-from fusioner.errors import FusionerError
+from fusioner.data.ov.prepare import prepare_coco20i, run_script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,13 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--split", choices=("train", "val"), default="val")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         written = prepare_coco20i(args.root, args.split, progress=tqdm)
-    except FusionerError as e:
-        print(f"prepare_coco20i: error: {e}", file=sys.stderr)
-        return 2
-    print(f"rendered {written} masks of COCO {args.split}2014 under {args.root}/fusioner_masks")
-    return 0
+        return f"rendered {written} masks of COCO {args.split}2014 under {args.root}/fusioner_masks"
+
+    return run_script("prepare_coco20i", work)
 
 
 if __name__ == "__main__":

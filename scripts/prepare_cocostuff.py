@@ -10,21 +10,19 @@ import sys
 
 from tqdm import tqdm
 
-from fusioner.data.ov.prepare import prepare_cocostuff
-from fusioner.errors import FusionerError
+from fusioner.data.ov.prepare import prepare_cocostuff, run_script
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root", help="the coco folder (holding stuffthingmaps/val2017)")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         written = prepare_cocostuff(args.root, progress=tqdm)
-    except FusionerError as e:
-        print(f"prepare_cocostuff: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {written} label maps under {args.root}")
-    return 0
+        return f"wrote {written} label maps under {args.root}"
+
+    return run_script("prepare_cocostuff", work)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,7 @@ import sys
 
 from tqdm import tqdm
 
-from fusioner.data.ov.prepare import prepare_pascal_context
-from fusioner.errors import FusionerError
+from fusioner.data.ov.prepare import prepare_pascal_context, run_script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,13 +20,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the VOCdevkit/VOC2010 folder (trainval_merged.json and/or trainval/ + pascalcontext_val.txt)",
     )
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         written = prepare_pascal_context(args.root, progress=tqdm)
-    except FusionerError as e:
-        print(f"prepare_pascal_context: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {written} label maps under {args.root}")
-    return 0
+        return f"wrote {written} label maps under {args.root}"
+
+    return run_script("prepare_pascal_context", work)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ import sys
 
 from tqdm import tqdm
 
-from fusioner.data.ov.prepare import prepare_sbd
-from fusioner.errors import FusionerError
+from fusioner.data.ov.prepare import prepare_sbd, run_script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,13 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sbd_root", help="SBD's benchmark_RELEASE/dataset folder (holding cls/)")
     parser.add_argument("voc_root", help="the VOCdevkit/VOC2012 folder")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         written = prepare_sbd(args.sbd_root, args.voc_root, progress=tqdm)
-    except FusionerError as e:
-        print(f"prepare_sbd: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {written} masks into {args.voc_root}/SegmentationClassAug")
-    return 0
+        return f"wrote {written} masks into {args.voc_root}/SegmentationClassAug"
+
+    return run_script("prepare_sbd", work)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ class Method:
     # Submodule whose output is the head's dense (per-patch or per-pixel) visual features, and its
     # width: what the CLIP-ZSS global term pools (fusioner/methods/objective.py).
     dense_module: str
-    dense_dim: Callable[[nn.Module], int]
+    dense_dim: Callable[[nn.Module], int] = lambda head: head.config.dim
 
 
 METHODS: dict[str, Method] = {}

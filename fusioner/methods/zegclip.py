@@ -180,10 +180,6 @@ class PromptedViT(VisionAdapter):
         return VisionOutput(tokens=tokens, grid=(gh, gw), cls=cls)
 
 
-def _dense_dim(head: nn.Module) -> int:
-    return head.config.dim
-
-
 ZEGCLIP = register_method(
     Method(
         name="zegclip",
@@ -191,7 +187,6 @@ ZEGCLIP = register_method(
         head_cls=ZegCLIPHead,
         from_config=_config,
         dense_module="dense",
-        dense_dim=_dense_dim,
     )
 )
 

@@ -208,10 +208,6 @@ class ZegFormerHead(nn.Module):
         return torch.stack(losses).mean() if losses else masks.sum() * 0
 
 
-def _dense_dim(head: nn.Module) -> int:
-    return head.config.dim
-
-
 ZEGFORMER = register_method(
     Method(
         name="zegformer",
@@ -219,7 +215,6 @@ ZEGFORMER = register_method(
         head_cls=ZegFormerHead,
         from_config=_config,
         dense_module="dense",
-        dense_dim=_dense_dim,
     )
 )
 

@@ -21,7 +21,7 @@ import fusioner
 from fusioner.adapters import TextAdapter, VisionAdapter, create_text, create_vision
 from fusioner.adapters.prompts import resolve_templates
 from fusioner.errors import FusionerError
-from fusioner.inference import batch_logits, labels_from_logits
+from fusioner.inference import batch_logits, labels_of
 from fusioner.io import atomic_write, atomic_write_json, read_json
 from fusioner.methods import METHODS, attach_vision, build_head, build_refiner, head_record
 from fusioner.model.head import FusionHead
@@ -122,11 +122,7 @@ class FusionerModel(nn.Module):
         self, images: Tensor | Sequence[Tensor], names: Sequence[str], *, mode: str = "fixed"
     ) -> Tensor | list[Tensor]:
         """Like :meth:`logits`, but labels ``h w`` per image: 0 = background, i = names[i - 1]."""
-        logits = self.logits(images, names, mode=mode)
-        if isinstance(logits, Tensor) and logits.ndim == 3:
-            return labels_from_logits(logits[None], self.threshold)[0]
-        labels = [labels_from_logits(one[None], self.threshold)[0] for one in logits]
-        return torch.stack(labels) if isinstance(logits, Tensor) else labels
+        return labels_of(self.logits(images, names, mode=mode), self.threshold)
 
     # -- persistence ---------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:

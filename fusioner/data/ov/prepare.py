@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from PIL import Image
 from fusioner.data.ov.base import read_label_map, read_names
 from fusioner.data.ov.cocostuff import COCOSTUFF_IDS
 from fusioner.data.ov.context import PC59_IDS
-from fusioner.errors import DataError
+from fusioner.errors import DataError, FusionerError
 from fusioner.io import atomic_write, read_json
 
 Progress = Callable[[Iterable], Iterable]
@@ -327,7 +328,19 @@ def prepare_coco20i(root: str | Path, split: str = "val", progress: Progress = _
     return len(dataset.ids)
 
 
+def run_script(name: str, work: Callable[[], str]) -> int:
+    """The body of a ``scripts/prepare_*.py``: run ``work`` and print the line it returns; a
+    FusionerError becomes one ``name: error: ...`` line and exit code 2, as the CLI's errors do."""
+    try:
+        print(work())
+    except FusionerError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 __all__ = [
+    "run_script",
     "ade_class_map",
     "prepare_ade150",
     "prepare_ade847",
