@@ -481,7 +481,7 @@ def predict_into_dataset(base: Base, d: Path) -> Row:
 def two_trainings(base: Base, d: Path) -> Row:
     out = d / "run"
     config = base.write_config(
-        d / "c.yaml", out_dir=str(out), max_steps=100000, checkpoint_every=100000, log_every=1
+        d / "c.yaml", out_dir=str(out), epochs=100000, max_steps=100000, checkpoint_every=100000, log_every=1
     )
     log = open(d / "first.err", "w")  # noqa: SIM115 (closed below)
     first = subprocess.Popen(
@@ -588,8 +588,27 @@ def non_finite_loss(base: Base, d: Path) -> Row:
     )
 
 
-@case("5+", "a huge finite lr with no warmup (lr=1e38 warmup_steps=0; not in the issue's list)")
+@case("5+", "an lr finite in Python but beyond float32 (lr=1e39; not in the issue's list)")
 def overflowing_lr(base: Base, d: Path) -> Row:
+    out = d / "run"
+    config = base.write_config(d / "c.yaml", out_dir=str(out), max_steps=8)
+    ran = run(["fusioner", "train", "--config", str(config), "lr=1e39"], d)
+    msg = message(ran)
+    return Row(
+        "5+",
+        "",
+        "`fusioner train --config c.yaml lr=1e39`",
+        ran.rc,
+        2,
+        msg,
+        _named(msg, ["lr"], absent=("Traceback",)),
+        not (out / "model").exists(),
+        "no model/ written from the failed run",
+    )
+
+
+@case("5+", "an lr within float32 whose first Adam step is not (lr=1e38, no warmup; not in the list)")
+def overflowing_update(base: Base, d: Path) -> Row:
     out = d / "run"
     config = base.write_config(d / "c.yaml", out_dir=str(out), max_steps=8)
     ran = run(["fusioner", "train", "--config", str(config), "lr=1e38", "warmup_steps=0"], d)
@@ -869,7 +888,7 @@ def mistyped_model(base: Base, d: Path) -> Row:
     return Row(
         "WEAK",
         "",
-        "`fusioner eval --model RUN-DIR/../rnu` (a typo of `run`, whose parent exists)",
+        "`fusioner eval --model DIR/rnu` (meant DIR/run; DIR exists)",
         ran.rc,
         2,
         msg,

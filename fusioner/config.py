@@ -20,6 +20,7 @@ import yaml
 from fusioner.errors import ConfigError
 
 # Numeric ranges, checked when a Config is built. dim / depth / heads = 0 mean "the preset's".
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
 _POSITIVE = ("temperature", "lr", "mlp_ratio")
 _AT_LEAST_ONE = (
     "batch_size", "epochs", "checkpoint_every", "log_every", "grad_accum", "eval_batch_size", "image_size",
@@ -170,8 +171,11 @@ class Config:
         once trained an all-NaN model that exited 0)."""
         for key in dataclasses.asdict(self):
             value = getattr(self, key)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
+            # Training runs in float32: a Python float beyond its range is as unusable as inf.
+            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+                raise ConfigError(
+                    f"config key {key!r}: expected a finite number (float32 range), got {value!r}"
+                )
         rules = [
             (_POSITIVE, lambda v: v > 0, "greater than 0"),
             (_AT_LEAST_ONE, lambda v: v >= 1, "at least 1"),

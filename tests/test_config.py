@@ -76,7 +76,8 @@ def test_shipped_configs_load():
     ("override", "message"),
     [
         ("temperature=0", "'temperature': expected greater than 0, got 0.0"),
-        ("lr=nan", "'lr': expected a finite number, got nan"),
+        ("lr=nan", "'lr': expected a finite number (float32 range), got nan"),
+        ("lr=1e39", "'lr': expected a finite number (float32 range), got 1e+39"),
         ("lr=-1e-3", "'lr': expected greater than 0"),
         ("threshold=1", "'threshold': expected between 0 and 1 (exclusive), got 1.0"),
         ("batch_size=-2", "'batch_size': expected at least 1, got -2"),

@@ -71,6 +71,14 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     assert not (out / "model").exists()  # no model is written from a diverged run
 
 
+def test_an_update_beyond_float32_stops_training_as_divergence(voc_folder, tmp_path):
+    # lr=1e38 is a valid float32, but Adam's first step (lr / its bias correction 0.1) is not.
+    message = r"the update at step 1 overflows float32 \(lr 1e\+38\); last good checkpoint: none yet"
+    with pytest.raises(FusionerError, match=message):
+        train(_config(voc_folder, tmp_path, "overflow", max_steps=2, warmup_steps=0, lr=1e38))
+    assert not (tmp_path / "overflow" / "model").exists()
+
+
 def test_resume_after_a_kill_ends_with_the_same_weights(voc_folder, tmp_path, monkeypatch):
     uninterrupted = train(_config(voc_folder, tmp_path, "a", max_steps=6, checkpoint_every=3))
 

@@ -539,7 +539,16 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.clip_grad > 0:
                     accelerator.clip_grad_norm_(head.parameters(), config.clip_grad)
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as e:  # e.g. lr=1e38: Adam's step size overflows float32
+                    if "overflow" not in str(e):
+                        raise
+                    raise FusionerError(
+                        f"training diverged: the update at step {step + 1} overflows float32 (lr "
+                        f"{scheduler.get_last_lr()[0]:g}); last good checkpoint: "
+                        f"{latest_checkpoint(out_dir) or 'none yet'} (try a lower lr)"
+                    ) from None
                 # Once per optimizer step (not on accumulation steps, nor after an fp16 step the
                 # grad scaler skipped), as accelerate does for a scheduler tied to the optimizer.
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
