@@ -82,7 +82,7 @@ METHOD_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
         "ZegFormer decoupled, spectral segments as the groups",
         {"method": "zegformer", "zegformer_grouping": "spectral"},
     ),
-    "spectral": ("+ SAZS spectral refinement at inference (weight 0.5)", {"refine": "spectral"}),
+    "spectral": ("+ SAZS spectral refinement at inference (weight 0.2, 16 segments)", {"refine": "spectral"}),
     "spectral-train": (
         "+ spectral refinement and the eigen-segment training term",
         {"refine": "spectral", "spectral_weight": 1.0},

@@ -99,10 +99,12 @@ class Config:
     # Methods (fusioner/methods/, issue 12): the head design, a training-free refiner, extra terms.
     method: str = "fusioner"  # fusioner | zegclip | zegformer (fusioner.methods.METHODS)
     refine: str = "none"  # none | spectral (fusioner.methods.REFINERS), applied in fusioner/inference.py
-    refine_weight: float = 0.5  # spectral: share of the segment-mean logits in the blend
+    # spectral: share of the segment-mean probabilities in the blend; 0.2 and 16 segments were chosen on
+    # CCP val (benchmarks/QUALITY.md): 0.5 or 4 segments wash out small garments.
+    refine_weight: float = 0.2
     refine_vision: str = ""  # spectral: another vision adapter for the graph; empty = the run's own
     spectral_eigs: int = 4  # eigenvectors of the normalised Laplacian
-    spectral_segments: int = 4  # K-means segments (refine and spectral_weight)
+    spectral_segments: int = 16  # K-means segments (refine, spectral_weight, zegformer spectral groups)
     spectral_knn: int = 0  # > 0 keeps each token's knn strongest affinities
     spectral_weight: float = 0.0  # training: pull predictions toward the eigen-segments (SAZS)
     deep_prompts: int = 0  # zegclip: prompt tokens per block of a timm ViT (needs use_cache=false)

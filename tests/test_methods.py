@@ -56,15 +56,23 @@ def test_refinement_with_weight_zero_equals_the_raw_logits_exactly():
     assert torch.equal(blend(logits, seg, 2, 0.0), logits)
 
 
-def test_full_refinement_makes_each_segment_constant_at_its_mean():
+def test_full_refinement_makes_each_segment_constant_at_its_mean_probability():
     tokens, left = _two_regions()
     logits = torch.randn(1, 2, 6, 8)
     out = SpectralRefiner(weight=1.0, eigs=2, segments=2)(logits, tokens, (6, 8))
-    flat, raw = out.flatten(2)[0], logits.flatten(2)[0]
+    flat, raw = out.sigmoid().flatten(2)[0], logits.sigmoid().flatten(2)[0]
     for region in (left, ~left):
-        assert torch.allclose(
-            flat[:, region], raw[:, region].mean(-1, keepdim=True).expand(-1, int(region.sum()))
-        )
+        mean = raw[:, region].mean(-1, keepdim=True).expand(-1, int(region.sum()))
+        assert torch.allclose(flat[:, region], mean, atol=1e-6)
+
+
+def test_a_small_confident_object_survives_refinement_at_the_default_weight():
+    # One segment, 10% of it a confident object: a logit-space mean (about -10) would erase it.
+    tokens, _ = _two_regions()
+    logits = torch.full((1, 1, 6, 8), -12.0)
+    logits[0, 0, 0, :5] = 7.0
+    out = SpectralRefiner(eigs=2, segments=1)(logits, tokens, (6, 8))
+    assert (out[0, 0, 0, :5] > 0).all() and (out[0, 0, 1:] < 0).all()
 
 
 def test_the_refiner_runs_inside_the_one_inference_path(voc_folder):
