@@ -66,7 +66,15 @@ def test_predict_takes_any_image_size(voc_folder, tmp_path, size):
     assert 0 <= labels.min() and labels.max() <= len(names)
     batch = model.predict(image[None].expand(2, -1, -1, -1), names)
     assert batch.shape == (2, *size)
-    torch.testing.assert_close(batch[0], labels)
+    # A batch may run other conv kernels than one image (float sums in another order), so compare
+    # the logits to float tolerance; a pixel whose two best names tie within it may flip its label.
+    torch.testing.assert_close(
+        model.logits(image[None].expand(2, -1, -1, -1), names)[0],
+        model.logits(image, names),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    assert (batch[0] == labels).float().mean() > 0.999
     mixed = model.predict([image, torch.rand(3, 40, 30)], names)
     assert [tuple(m.shape) for m in mixed] == [size, (40, 30)]
     sliding = model.logits(image, names, mode="sliding")
