@@ -294,12 +294,14 @@ def test_efficientnet_lite0_tiny(tmp_path: Path) -> None:
     s16, s32 = ref.eval().forward_intermediates(
         (x - adapter.mean) / adapter.std, indices=[3, 4], intermediates_only=True
     )
-    torch.testing.assert_close(adapter(x).tokens, s16.flatten(2).transpose(1, 2))
+    # Float tolerance: a fresh CI run saw one element 1.03e-5 off (thread-dependent sum order).
+    torch.testing.assert_close(adapter(x).tokens, s16.flatten(2).transpose(1, 2), atol=1e-4, rtol=1e-4)
     # Stacked maps (benchmarks/feature_probe.py): the coarser one resized to the first one's grid.
     stacked = TimmVision("stacked", adapter.model, feature_indices=(3, 4))
     check_vision(stacked, 112 + 320, 16, has_cls=False)
     s32 = torch.nn.functional.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
-    torch.testing.assert_close(stacked(x).tokens, torch.cat([s16, s32], 1).flatten(2).transpose(1, 2))
+    expected = torch.cat([s16, s32], 1).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(stacked(x).tokens, expected, atol=1e-4, rtol=1e-4)
     # Which maps make the tokens is part of every feature cache key.
     assert adapter.preprocessing["feature_indices"] == [3]
     assert stacked.preprocessing["feature_indices"] == [3, 4]

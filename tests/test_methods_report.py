@@ -48,11 +48,12 @@ def test_report_puts_calibrated_gzss_and_the_shuffled_baseline_beside_each_desig
 
 def test_the_methods_sweep_expands_to_each_design_and_its_shuffled_baseline():
     sweep = load_sweep(Path(__file__).parents[1] / "configs" / "sweeps" / "methods.yaml", [])
-    designs = {(r.config.method, r.config.refine, r.config.pseudo_labels, r.config.zegformer_grouping)
-               for r in sweep.runs}  # fmt: skip
-    assert ("zegclip", "none", "none", "queries") in designs
-    assert ("fusioner", "spectral", "none", "queries") in designs
-    assert ("fusioner", "none", "kmeans", "queries") in designs
-    assert ("zegformer", "none", "none", "spectral") in designs
+    designs = {(r.config.method, r.config.refine, r.config.pseudo_labels, r.config.zegformer_grouping,
+                r.config.spectral_weight) for r in sweep.runs}  # fmt: skip
+    assert ("zegclip", "none", "none", "queries", 0.0) in designs
+    assert ("fusioner", "spectral", "none", "queries", 0.0) in designs
+    assert ("fusioner", "none", "kmeans", "queries", 0.0) in designs
+    assert ("zegformer", "none", "none", "spectral", 0.0) in designs
+    assert ("fusioner", "spectral", "none", "queries", 1.0) in designs  # SAZS: the training term too
     assert len(sweep.runs) == 2 * len(designs)
     assert {r.config.shuffle_names for r in sweep.runs} == {False, True}
