@@ -104,7 +104,7 @@ class Config:
     refine_weight: float = 0.2
     refine_vision: str = ""  # spectral: another vision adapter for the graph; empty = the run's own
     spectral_eigs: int = 4  # eigenvectors of the normalised Laplacian
-    spectral_segments: int = 16  # K-means segments (refine, spectral_weight, zegformer spectral groups)
+    spectral_segments: int = 16  # K-means segments (refine and spectral_weight)
     spectral_knn: int = 0  # > 0 keeps each token's knn strongest affinities
     spectral_weight: float = 0.0  # training: pull predictions toward the eigen-segments (SAZS)
     deep_prompts: int = 0  # zegclip: prompt tokens per block of a timm ViT (needs use_cache=false)
