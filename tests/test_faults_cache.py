@@ -186,6 +186,36 @@ def test_corrupt_index_is_rebuilt_with_a_warning(folder, tmp_path, caplog, damag
     assert torch.equal(reopened.read(dataset.item_id(0)).mask.long(), resize(dataset[0], SIZE)["mask"])
 
 
+@pytest.mark.parametrize("shard", ["../../victim.txt", "ABSOLUTE", "sub/shard-00000.safetensors"])
+def test_a_tampered_index_never_reaches_outside_the_cache_folder(folder, tmp_path, caplog, shard):
+    """A shard name is a bare ``shard-NNNNN.safetensors``; anything else makes the index untrusted
+    (rebuilt), never a path that is opened or deleted as "a corrupted shard" (issue 21, item 2)."""
+    vision = PatchMeanVision()
+    dataset = FolderDataset(folder, "train")
+    cache = _cache(tmp_path / "c", dataset, vision)
+    _fill(cache, vision, dataset)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the cache's")
+    (cache.dir / "sub").mkdir()
+    inner = cache.dir / "sub" / "shard-00000.safetensors"
+    inner.write_text("not the cache's either")
+    name = str(victim) if shard == "ABSOLUTE" else shard
+    assert (cache.dir / name).resolve() in {victim.resolve(), inner.resolve()}
+    index = json.loads((cache.dir / INDEX).read_text())
+    first = next(iter(index["shards"]))
+    index["shards"][name] = {"sha256": "0" * 64, "count": 1}  # a wrong checksum: "corrupted"
+    index["items"][dataset.item_id(0)]["shard"] = name
+    (cache.dir / INDEX).write_text(json.dumps(index))
+    assert first in index["shards"]
+
+    with caplog.at_level(logging.WARNING):
+        reopened = _cache(tmp_path / "c", dataset, vision)
+        _fill(reopened, vision, dataset)
+        reopened.verify()
+    assert "is unreadable" in caplog.text
+    assert victim.read_text() == "not the cache's" and inner.read_text() == "not the cache's either"
+
+
 def _fill_in_child(folder: str, cache_root: str, record: str, log_file: str) -> None:
     """The second process of the two-process test: fill the cache, write what fill_cache returned."""
     logging.basicConfig(filename=log_file, level=logging.WARNING, format="%(message)s")

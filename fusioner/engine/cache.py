@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -112,12 +113,23 @@ def _mask_dtype(mask: Tensor) -> torch.dtype:
     return torch.int16
 
 
+# The only shard names the cache ever writes. The index names files that get opened and, when their
+# checksum fails, deleted: a name with a separator, ``..`` or a drive would reach outside the folder.
+_SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
+
+
+_NOT_AN_INDEX = "it is not a cache index (key, shards named shard-NNNNN.safetensors, items in them)"
+
+
 def _valid_index(index: Any) -> bool:
-    """Whether parsed JSON has the index's shape: a key, shards with checksums, items in those shards."""
+    """Whether parsed JSON has the index's shape: a key, shards with checksums, items in those shards,
+    and every shard a bare ``shard-NNNNN.safetensors`` name inside the cache folder."""
     if not isinstance(index, dict) or not isinstance(index.get("key"), dict):
         return False
     shards, items = index.get("shards"), index.get("items")
     if not isinstance(shards, dict) or not isinstance(items, dict):
+        return False
+    if not all(isinstance(name, str) and _SHARD_NAME.fullmatch(name) for name in shards):
         return False
     if not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in shards.values()):
         return False
@@ -156,7 +168,7 @@ class FeatureCache:
             return fresh
         try:
             index = json.loads(raw.decode("utf-8"))
-            problem = "" if _valid_index(index) else "it is not a cache index (key, shards, items)"
+            problem = "" if _valid_index(index) else _NOT_AN_INDEX
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             problem = str(e)
         if problem:

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import pickle
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,7 +26,6 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import DistributedType
 from accelerate.utils import set_seed
-from safetensors import SafetensorError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -40,17 +36,15 @@ from fusioner.data import Split, build_split
 from fusioner.data.augment import resolve_augmentations
 from fusioner.data.base import IGNORE, SegDataset
 from fusioner.data.transforms import resize
+from fusioner.engine import checkpoint
 from fusioner.engine.cache import FeatureCache, prepare_cache
 from fusioner.engine.losses import mask_loss, rank_loss, resize_labels
-from fusioner.errors import ConfigError, FusionerError
-from fusioner.io import read_json
+from fusioner.errors import FusionerError
 from fusioner.methods import build_objective
 from fusioner.model import FusionerModel
-from fusioner.run import CHECKPOINT_STATE, RunDir
+from fusioner.run import RunDir
 
 log = logging.getLogger(__name__)
-
-KEEP_CHECKPOINTS = 2
 
 
 # -- where a training example's pixels come from -------------------------------------------------
@@ -222,141 +216,6 @@ class EpochSampler(Sampler[int]):
             yield from (order + epoch * self.n).tolist()
 
 
-# -- checkpoints -----------------------------------------------------------------------------------
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    return RunDir(out_dir).latest_checkpoint()
-
-
-def _save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int) -> Path:
-    """``save_state`` into a temporary folder renamed into place: never a half-written checkpoint.
-
-    Its trainer_state.json records the step and every file's size, so a file truncated or lost
-    later is found before anything is loaded from it (:func:`_check_checkpoint`), and the number of
-    processes that wrote it, which a resume must match (:func:`_check_processes`).
-    """
-    final = RunDir(out_dir).checkpoint(step)
-    if final.exists():
-        return final
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every process's random states are in tmp before it is sealed
-    if accelerator.is_main_process:
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        state = {"step": step, "processes": accelerator.num_processes, "files": files}
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
-        os.replace(tmp, final)
-        for old in RunDir(out_dir).list_checkpoints()[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _check_checkpoint(ckpt: Path) -> int:
-    """The step of checkpoint ``ckpt``, or a FusionerError saying what is damaged in it.
-
-    Damaged: trainer_state.json missing, unreadable or not naming the folder's step, or a file it
-    lists missing or of another size (truncated). Contents that fail to load are found by the caller.
-    """
-    state = read_json(ckpt / CHECKPOINT_STATE, "checkpoint state")
-    expected = int(ckpt.name.removeprefix("step-"))
-    if not isinstance(state, dict) or state.get("step") != expected:
-        raise FusionerError(f"{ckpt / CHECKPOINT_STATE} does not record step {expected}")
-    # Checkpoints written before the file list existed are only checked by loading them.
-    files = state.get("files", {})
-    if not isinstance(files, dict):
-        raise FusionerError(f"{ckpt / CHECKPOINT_STATE}: 'files' is not a mapping of file names to sizes")
-    for name, size in files.items():
-        path = ckpt / name
-        if not path.is_file():
-            raise FusionerError(f"{path} is missing")
-        if path.stat().st_size != size:
-            raise FusionerError(f"{path} is {path.stat().st_size} bytes, {size} were written (truncated?)")
-    return expected
-
-
-def _check_processes(ckpt: Path, processes: int) -> None:
-    """Refuse to resume ``ckpt`` with another number of processes than wrote it.
-
-    The global batch is ``batch_size x processes x grad_accum`` and the data position of a resume is
-    counted in each process's batches: with another count the run would skip the wrong examples and
-    continue with another batch size, yet claim to be the run its config.yaml describes. Checkpoints
-    written before the count was recorded are not checked.
-    """
-    written = read_json(ckpt / CHECKPOINT_STATE, "checkpoint state").get("processes", processes)
-    if written != processes:
-        raise ConfigError(
-            f"{ckpt} was written by {written} training processes and this launch has {processes}: "
-            f"resume with {written} (e.g. `accelerate launch --num_processes {written}`), since the global "
-            "batch is batch_size x processes x grad_accum; or train into another out_dir"
-        )
-
-
-# What loading a damaged accelerate state raises: torch.load of a cut zip (RuntimeError, EOFError,
-# UnpicklingError), safetensors (SafetensorError), a missing file (OSError), a wrong shape (RuntimeError).
-_LOAD_ERRORS = (FusionerError, OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
-
-
-def _resume(accelerator: Accelerator, run: RunDir) -> int:
-    """Load the newest intact checkpoint into the prepared objects and return its step.
-
-    A damaged one is named in a warning and the one before it is tried: training keeps two, so one
-    damaged file costs at most ``checkpoint_every`` steps. Once one loads, the damaged newer ones are
-    renamed ``step-N.damaged`` (kept for a look; out of the way of the checkpoint this run will write
-    at step N). None intact is an error that changes nothing on disk.
-    """
-    damaged: list[tuple[Path, str]] = []
-    for ckpt in reversed(run.list_checkpoints()):
-        try:
-            step = _check_checkpoint(ckpt)
-        except FusionerError as e:
-            log.warning("checkpoint %s is damaged: %s; trying the one before", ckpt, e)
-            damaged.append((ckpt, str(e)))
-            continue
-        # Outside the try: a count that differs is no damage, and the checkpoint before has it too.
-        _check_processes(ckpt, accelerator.num_processes)
-        try:
-            accelerator.load_state(str(ckpt))
-        except (*_LOAD_ERRORS, SafetensorError) as e:
-            reason = str(e) if isinstance(e, FusionerError) else f"{type(e).__name__}: {e}"
-            log.warning("checkpoint %s is damaged: %s; trying the one before", ckpt, reason)
-            damaged.append((ckpt, reason))
-            continue
-        accelerator.wait_for_everyone()  # every process has read the checkpoints before any is moved
-        for bad, _ in damaged:
-            aside = bad.with_name(bad.name + ".damaged")
-            if accelerator.is_main_process:
-                shutil.rmtree(aside, ignore_errors=True)
-                bad.rename(aside)
-            log.warning("resuming from %s; the damaged %s is kept as %s", ckpt.name, bad.name, aside)
-        accelerator.wait_for_everyone()
-        log.info("resumed from %s (step %d)", ckpt, step)
-        return step
-    found = "; ".join(f"{ckpt.name} ({reason})" for ckpt, reason in damaged)
-    raise FusionerError(
-        f"no intact checkpoint to resume in {run.checkpoints}: {found}; nothing was changed: train into "
-        f"another out_dir, or delete {run.checkpoints} to start this one over"
-    )
-
-
-def _logged_steps(loss_log: Path, step: int) -> list[str]:
-    """The lines of ``losses.jsonl`` up to ``step``, which a resume from ``step`` keeps.
-
-    A process killed mid-write leaves a cut last line: it is dropped with a warning (its step is
-    trained and logged again), not a traceback that blocks the resume.
-    """
-    kept = []
-    for n, line in enumerate(loss_log.read_text(errors="replace").splitlines(), start=1):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            log.warning("%s line %d is not a loss record (%r): dropped", loss_log, n, line[:60])
-    return kept
-
-
 def _cpu_only() -> bool:
     """Whether accelerate must be told to stay on the CPU: this machine has no accelerator device.
 
@@ -488,15 +347,15 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
     # Only the head (and what drives it) is prepared: the frozen adapters get no DDP wrapper,
     # no optimizer state and no gradients.
     head, optimizer, loader, scheduler = accelerator.prepare(model.head, optimizer, loader, scheduler)
-    if objective is not None:  # its synthesizer / projection resume with the head
-        accelerator.register_for_checkpointing(objective.to(device))
+    if objective is not None:  # its synthesizer / projection resume with the head (engine/checkpoint.py)
+        objective.to(device)
     accelerator.init_trackers("train", config={k: str(v) for k, v in config.to_dict().items()})
 
-    step = _resume(accelerator, run) if resume else 0
+    step = checkpoint.resume(accelerator, run, config, objective) if resume else 0
     batches = accelerator.skip_first_batches(loader, step * config.grad_accum) if step else loader
     loss_log = run.losses
     if accelerator.is_main_process:  # one writer: the others' lines would interleave with its own
-        kept = _logged_steps(loss_log, step) if step and loss_log.exists() else []
+        kept = checkpoint.logged_steps(loss_log, step) if step and loss_log.exists() else []
         loss_log.write_text("".join(ln + "\n" for ln in kept))
 
     losses: list[float] = []
@@ -531,7 +390,7 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
                 mean_loss = accelerator.reduce(loss.detach(), reduction="mean")
                 if not torch.isfinite(mean_loss):
                     # Stop before the update: the last checkpoint on disk stays the last good one.
-                    last = latest_checkpoint(out_dir)
+                    last = run.latest_checkpoint()
                     raise FusionerError(
                         f"training diverged: the loss is {mean_loss.item()} at step {step + 1}; "
                         f"last good checkpoint: {last or 'none yet'} (try a lower lr or a larger temperature)"
@@ -547,7 +406,7 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
                     raise FusionerError(
                         f"training diverged: the update at step {step + 1} overflows float32 (lr "
                         f"{scheduler.get_last_lr()[0]:g}); last good checkpoint: "
-                        f"{latest_checkpoint(out_dir) or 'none yet'} (try a lower lr)"
+                        f"{run.latest_checkpoint() or 'none yet'} (try a lower lr)"
                     ) from None
                 # Once per optimizer step (not on accumulation steps, nor after an fp16 step the
                 # grad scaler skipped), as accelerate does for a scheduler tied to the optimizer.
@@ -572,11 +431,13 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
             bar.set_postfix(loss=f"{value:.4f}")
             bar.update()
             if step % config.checkpoint_every == 0 and step < total:
+                if log_file is not None:  # the losses up to a checkpoint outlive a kill after it
+                    log_file.flush()
                 accelerator.wait_for_everyone()
-                _save_checkpoint(accelerator, out_dir, step)
+                checkpoint.save_checkpoint(accelerator, run, step, config, objective)
     bar.close()
     accelerator.wait_for_everyone()
-    _save_checkpoint(accelerator, out_dir, step)
+    checkpoint.save_checkpoint(accelerator, run, step, config, objective)
     model.head = accelerator.unwrap_model(head)
     model.vision.to(device)  # the returned model is whole again, ready for evaluation
     if accelerator.is_main_process:
