@@ -9,8 +9,8 @@ returns an :class:`Objective` only when something more is asked, so the default 
 - ``global_loss_weight``: CLIP-ZSS's global contrastive term.
 
 The objective's own parameters (the synthesizer, the global projection) train with the head and are
-checkpointed with it (``accelerator.register_for_checkpointing``); they are not part of the saved
-model, which needs none of them to segment.
+checkpointed with it as ``objective.safetensors`` (engine/checkpoint.py: never a pickle); they are not
+part of the saved model, which needs none of them to segment.
 """
 
 from __future__ import annotations
