@@ -31,9 +31,9 @@ from fusioner.adapters import create_vision
 from fusioner.adapters.timm_vision import TimmVision
 from fusioner.data.folder import FolderDataset
 from fusioner.data.transforms import resize
-from fusioner.engine.losses import resize_labels
 from fusioner.engine.metrics import GZSSMeter
 from fusioner.errors import FusionerError
+from fusioner.model.losses import resize_labels
 
 HERE = Path(__file__).resolve().parent
 

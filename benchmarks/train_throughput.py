@@ -55,7 +55,8 @@ from fusioner.config import Config, load_config
 from fusioner.data import build_split
 from fusioner.engine import train as train_module
 from fusioner.engine.cache import prepare_cache
-from fusioner.engine.train import CachedSource, ImageSource, head_loss, make_loader
+from fusioner.engine.train import head_loss
+from fusioner.engine.train_data import CachedSource, ImageSource, make_loader
 from fusioner.model import FusionerModel
 
 # The released text encoder's templates (model/text_encoder.py), "{category}" spelled "{}".

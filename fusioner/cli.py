@@ -1,191 +1,44 @@
-"""`fusioner` command line: parse, call the library, print. No logic lives here."""
+"""`fusioner` command line: parse, call the library, print. No logic lives here.
+
+The parser and the error handling; what each command does is fusioner/commands.py.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
+from fusioner.commands import (
+    cmd_cache,
+    cmd_demo,
+    cmd_eval,
+    cmd_export,
+    cmd_import_released,
+    cmd_predict,
+    cmd_push,
+    cmd_quickstart,
+    cmd_sweep,
+    cmd_sweep_report,
+    cmd_train,
+)
 from fusioner.errors import FusionerError
 
-if TYPE_CHECKING:  # the commands import what they use when they run: `fusioner --help` stays fast
-    from fusioner.sweep import Sweep
-    from fusioner.sweep.launch import LaunchOptions
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-def _overrides(extra: list[str]) -> list[str]:
-    """``key=value`` and ``--key value`` / ``--key=value`` (e.g. ``--data.path DIR``) as overrides."""
-    out, i = [], 0
-    while i < len(extra):
-        item = extra[i]
-        if item.startswith("--"):
-            key = item[2:]
-            if "=" in key:
-                out.append(key)
-            elif i + 1 < len(extra):
-                out.append(f"{key}={extra[i + 1]}")
-                i += 1
-            else:
-                raise FusionerError(f"option {item} needs a value")
-        elif "=" in item:
-            out.append(item)
-        else:
-            raise FusionerError(f"unexpected argument {item!r}: overrides are key=value")
-        i += 1
-    return out
-
-
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
-    from fusioner.config import load_config
-    from fusioner.engine.train import process_state, train
-
-    config = load_config(args.config, _overrides(extra))
-    result = train(config, resume=args.resume)
-    if process_state().is_main_process:  # under a launcher every process returns here
-        print(f"trained {result.steps} steps; model in {result.out_dir / 'model'}")
-
-
-def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:
-    import torch
-
-    from fusioner.adapters import create_vision
-    from fusioner.config import load_config
-    from fusioner.data import build_split
-    from fusioner.engine.cache import prepare_cache
-
-    config = load_config(args.config, _overrides(extra))
-    vision = create_vision(config.vision, config.vision_weights)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vision.to(device)
-    split = build_split(config)
-    sets = {"train": split.train, "val": split.val, "test": split.test}
-    for name, dataset in ((n, d) for n, d in sets.items() if d is not None):
-        cache = prepare_cache(config, vision, dataset, device)
-        print(f"{name}: {len(dataset)} images cached in {cache.dir}")
-
-
-def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
-    from fusioner.engine.evaluate import evaluate_model
-    from fusioner.run import Metrics
-
-    if args.suite:
-        from fusioner.engine.suite import evaluate_suite
-
-        only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-        result = evaluate_suite(
-            args.model, args.suite, args.config, _overrides(extra), out=args.out, short_side=args.short_side,
-            only=only,
-        )  # fmt: skip
-        counts = f"{len(result.evaluated)} evaluated, {len(result.skipped)} skipped"
-        print(f"wrote {result.dir / 'suite.md'} ({counts})")
-        return
-    if args.short_side or args.only:
-        raise FusionerError("--short-side and --only go with --suite")
-    out = evaluate_model(args.model, args.config, _overrides(extra), out=args.out)
-    print(f"{Metrics.read(out).line()}\nwrote {out}")
-
-
-def cmd_predict(args: argparse.Namespace, extra: list[str]) -> None:
-    from fusioner.predict import predict_images
-
-    names = [n.strip() for n in args.classes.split(",") if n.strip()]
-    if args.onnx:
-        from fusioner.export import predict_onnx
-
-        written = predict_onnx(args.onnx, args.images, names, Path(args.out))
-    else:
-        written = predict_images(args.model, args.images, names, Path(args.out))
-    for path in written:
-        print(path)
-
-
-def cmd_export(args: argparse.Namespace, extra: list[str]) -> None:
-    from fusioner.export import export_onnx
-
-    if extra:
-        raise FusionerError(f"unexpected arguments: {' '.join(extra)}")
-    names = [n.strip() for n in (args.classes or "").split(",") if n.strip()]
-    result = export_onnx(args.model, Path(args.out), classes=names, text_graph=not args.no_text_graph)
-    for name in result.files:
-        print(result.out / name)
-    text = "" if result.text_diff is None else f", text embeddings {result.text_diff:.1e}"
-    print(f"onnxruntime vs PyTorch at export, max |diff|: logits {result.predictor_diff:.1e}{text}")
-
-
-def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> None:
-    from fusioner.quickstart import quickstart
-
-    report = quickstart(Path(args.out), seed=args.seed, fast=args.fast, overrides=_overrides(extra))
-    print(report.summary())
-
-
-def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> None:
-    from fusioner.sweep import load_sweep, parse_shard, run_sweep
-    from fusioner.sweep.launch import launch_options
-
-    launch = launch_options(
-        args.launcher, shard=args.shard, shards=args.shards, partition=args.partition,
-        gpus_per_run=args.gpus_per_run, time_min=args.time, array_parallelism=args.array_parallelism,
-    )  # fmt: skip
-    sweep = load_sweep(args.config, _overrides(extra), out=args.out)
-    if launch is not None:
-        return _launch_sweep(sweep, launch)
-    index, count = parse_shard(args.shard)
-    runs = sweep.shard(index, count)
-    print(f"sweep {sweep.dir}: shard {index}/{count} holds {len(runs)} of {len(sweep.runs)} runs")
-    result = run_sweep(sweep, shard=(index, count), on_outcome=lambda o: print(o.line(), flush=True))
-    print(result.summary())
-    if result.failed:
-        log_file = sweep.dir / "runs.jsonl"
-        raise FusionerError(f"{len(result.failed)} runs failed; see their error.txt files and {log_file}")
-
-
-def _launch_sweep(sweep: Sweep, options: LaunchOptions) -> None:
-    from fusioner.sweep.launch import submit, wait
-
-    launch = submit(sweep, options)
-    print("\n".join(launch.lines(options.launcher)), flush=True)
-    if options.launcher == "slurm":
-        print(f"when they are done: fusioner sweep-report {sweep.dir}  (submit again to retry failed runs)")
-        return
-    results = wait(launch)
-    for index, result in enumerate(results):
-        for outcome in result.outcomes:
-            print(outcome.line())
-        print(f"shard {index}/{len(results)}: {result.summary()}")
-    failed = sum(len(r.failed) for r in results)
-    if failed:
-        raise FusionerError(f"{failed} runs failed; see their error.txt files and {sweep.dir / 'runs.jsonl'}")
-
-
-def cmd_sweep_report(args: argparse.Namespace, extra: list[str]) -> None:
-    from fusioner.sweep import write_report
-
-    for path in write_report(args.dir):
-        print(path)
-
-
-def cmd_push(args: argparse.Namespace, extra: list[str]) -> None:
-    from fusioner.hub import push
-
-    result = push(args.run_dir, args.repo_id, private=args.private)
-    print(f"pushed {', '.join(result.files)} to {result.url}")
-
-
-def cmd_demo(args: argparse.Namespace, extra: list[str]) -> None:
-    if extra:
-        raise FusionerError(f"unexpected arguments: {' '.join(extra)}")
     try:
-        from fusioner.demo import export_space, launch
-    except ModuleNotFoundError as e:
-        raise FusionerError(f"the demo needs {e.name}: pip install 'fusioner[demo]'") from None
-    if args.export_space:
-        for path in export_space(Path(args.export_space), args.model):
-            print(path)
-        return
-    launch(args.model, port=args.port, host=args.host)
+        return version("fusioner")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+# The choices of predict's flags, spelled here so `fusioner --help` imports no torch.
+RULES = ("best-name", "one-name")
+REFINERS = ("none", "spectral")
+MODES = ("fixed", "sliding")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "read a config also take key=value (or --key value) overrides of any config key.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"fusioner {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a fusion head (config + key=value overrides)")
@@ -206,10 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.set_defaults(fn=cmd_cache)
 
-    p = sub.add_parser("eval", help="evaluate a trained model; writes metrics.json")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a trained model; writes metrics.json",
+        description="Under the run's own config the figures go to RUN/metrics.json (what push, the demo and "
+        "predict read); under another dataset or other settings (--config, key=value) to "
+        "RUN/evals/<slug>.json, never over metrics.json. --out names the file instead; a file there "
+        "that fusioner eval did not write is refused.",
+    )
     p.add_argument("--model", required=True, help="run directory, model folder or Hub repo id")
     p.add_argument("--config", help="dataset config (default: the run's own config.yaml)")
-    p.add_argument("--out", help="where to write metrics.json (default: beside the model)")
+    p.add_argument("--out", help="a .json file, or a folder for metrics.json (default: see above)")
     p.add_argument(
         "--suite",
         choices=("ov", "fewshot"),
@@ -238,6 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--onnx", metavar="DIR", help="a folder written by fusioner export (onnxruntime)")
     p.add_argument("--classes", required=True, help='comma-separated names, e.g. "cat,dog,grass"')
     p.add_argument("--out", required=True, help="output folder (see above for what may already be there)")
+    p.add_argument(
+        "--threshold", type=float, help="a name's probability needed to mark a pixel (default: the model's)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=RULES,
+        help="best-name (default): each pixel gets its best name or background, one label map; one-name: "
+        "each name asked alone, one mask per name (NAME_maskI.png, I as in classes.txt; masks may "
+        "overlap): the 1-way protocol behind the headline figures",
+    )
+    p.add_argument(
+        "--seen-bias",
+        type=float,
+        help="subtracted from the logits of names seen in training (default: the calibration in the run's "
+        "metrics.json; 0 without one)",
+    )
+    p.add_argument("--refine", choices=REFINERS, help="training-free refinement (default: the model's own)")
+    p.add_argument(
+        "--inference", choices=MODES, help="fixed (default: resized to the model's size) or sliding windows"
+    )
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser(
@@ -288,6 +169,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.set_defaults(fn=cmd_push)
 
+    p = sub.add_parser(
+        "import-released",
+        help="turn a checkpoint of the released Fusioner code into a run folder (config.yaml + model/)",
+        description="Reads a released FullModel state dict (or a dict holding one, as the released code "
+        "saves {'model': ...}) weights-only: safetensors, or torch.load(weights_only=True), never "
+        "unpickling code. Its fusion.* / decoder.* tensors become the head; the named backbones stand "
+        "in for its CLIP towers. Writes a finished run into --out (config.yaml, model/config.json, "
+        "model/model.safetensors), refusing files already there; eval, predict, demo, export and push "
+        "take it like any trained run.",
+    )
+    p.add_argument("checkpoint", help="the released checkpoint (.pth / .pt / .safetensors)")
+    p.add_argument("--vision", required=True, help="vision backbone it was trained on, e.g. clip_vitl14")
+    p.add_argument("--text", required=True, help="text backbone it was trained on, e.g. clip_vitl14_text")
+    p.add_argument("--out", required=True, help="output run folder")
+    p.add_argument(
+        "--config", help="the dataset config it was trained under, e.g. configs/pascal5i/clip_clip.yaml"
+    )
+    p.add_argument("--heads", type=int, default=8, help="attention heads (no tensor shows them; released: 8)")
+    p.add_argument("--temperature", type=float, default=0.07, help="released: 0.07")
+    p.add_argument("--templates", default="fusioner", help="prompt set (default: the released 32)")
+    p.add_argument("--image-size", type=int, default=224, help="input size (released: 224)")
+    p.add_argument("--vision-weights", help="weights id or path of the vision backbone")
+    p.add_argument("--text-weights", help="weights id or path of the text backbone")
+    p.set_defaults(fn=cmd_import_released)
+
     p = sub.add_parser("demo", help="a web page (Gradio) to segment uploaded photos with typed names")
     p.add_argument("--model", help="run directory, model folder or Hub repo id (without: a page says how)")
     p.add_argument("--port", type=int, default=7860)
@@ -315,7 +221,31 @@ def main(argv: list[str] | None = None) -> int:
     except FusionerError as e:
         print(f"fusioner {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C is the user's word, not a bug: no traceback
+        print(f"fusioner {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if (disk := _disk_error(e)) is None:
+            raise  # anything else is a bug and keeps its traceback
+        where = f" {disk.filename}" if disk.filename else ""
+        print(f"fusioner {args.command}: error: cannot write{where}: {disk.strerror}", file=sys.stderr)
+        return 2
     return 0
+
+
+# What the machine, not the program, refuses: a read-only folder, a full disk or quota.
+_DISK_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _disk_error(error: BaseException) -> OSError | None:
+    """The OSError of a refused write anywhere in ``error``'s chain (a full disk arrives wrapped)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

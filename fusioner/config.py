@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,34 @@ _NON_NEGATIVE = (
     "weight_decay", "warmup_steps", "clip_grad", "num_workers", "fold",
     "spectral_knn", "spectral_weight", "deep_prompts", "pseudo_weight", "global_loss_weight",
 )  # fmt: skip
+
+
+# The names a config key accepts and the checks of whole configs, registered by the modules that
+# own them (model/decoder.py, model/fusion.py, inference.py, methods/build.py): the config reads the
+# registries without importing them, since they import it (timm's registry imports nothing either).
+# Importing fusioner imports those modules, so the tables are full before any Config is built.
+# ``dataset`` and ``fold`` are checked where a split is built (fusioner.data.check_dataset).
+_CHOICES: dict[str, Collection[str]] = {}
+_CHECKS: list[Callable[[Config], None]] = []
+
+
+def register_choices(key: str, names: Collection[str]) -> None:
+    """Let config key ``key`` take the names in ``names`` (a registry: later additions count too)."""
+    if key in _CHOICES:
+        raise ValueError(f"the choices of config key {key!r} are registered twice")
+    _CHOICES[key] = names
+
+
+def register_check(check: Callable[[Config], None]) -> Callable[[Config], None]:
+    """Run ``check(config)`` on every Config built (it raises ConfigError); usable as a decorator."""
+    _CHECKS.append(check)
+    return check
+
+
+def _registered(key: str) -> Collection[str]:
+    if key not in _CHOICES:  # a module that owns the key was not imported: a bug, not bad input
+        raise RuntimeError(f"no module registered the choices of config key {key!r}")
+    return _CHOICES[key]
 
 
 @dataclass
@@ -61,7 +91,9 @@ class Config:
     depth: int = 0
     heads: int = 0
     mlp_ratio: float = 4.0
-    decoder: str = "default"  # default (halving channels) | paper (512 channels throughout)
+    decoder: str = "default"  # default (halving channels) | released (the released Fusioner decoder)
+    fusion_layout: str = "default"  # default (timm blocks) | released (LN eps 1e-5, bias-free projections)
+    normalize_tokens: bool = False  # L2-normalise patch tokens before the fusion (the released model does)
     fusion_attention: str = "decoupled"  # joint (the paper's, one name per sequence) | decoupled
     score_dim: int = 0  # width where pixels meet names; 0 = the decoder's last width (dim / 8)
     temperature: float = 0.07
@@ -73,7 +105,7 @@ class Config:
     shuffle_names: bool = False  # ablation: permute the seen names' embeddings among themselves
     hard_negatives: bool = False  # negatives: the absent names closest to a present one first
     dice_weight: float = 1.0
-    ce_weight: float = 0.0  # per-pixel softmax over background + queried names (engine/losses.py)
+    ce_weight: float = 0.0  # per-pixel softmax over background + queried names (model/losses.py)
     batch_size: int = 8
     epochs: int = 10
     max_steps: int = 0  # > 0 caps the number of optimizer steps
@@ -98,7 +130,7 @@ class Config:
 
     # Methods (fusioner/methods/, issue 12): the head design, a training-free refiner, extra terms.
     method: str = "fusioner"  # fusioner | zegclip | zegformer (fusioner.methods.METHODS)
-    refine: str = "none"  # none | spectral (fusioner.methods.REFINERS), applied in fusioner/inference.py
+    refine: str = "none"  # none | spectral | sazs (fusioner.methods.REFINERS), applied in fusioner/inference.py
     # spectral: share of the segment-mean probabilities in the blend; 0.2 and 16 segments were chosen on
     # CCP val (benchmarks/QUALITY.md): 0.5 or 4 segments wash out small garments.
     refine_weight: float = 0.2
@@ -106,16 +138,17 @@ class Config:
     spectral_eigs: int = 4  # eigenvectors of the normalised Laplacian
     spectral_segments: int = 16  # K-means segments (refine and spectral_weight)
     spectral_knn: int = 0  # > 0 keeps each token's knn strongest affinities
-    spectral_weight: float = 0.0  # training: pull predictions toward the eigen-segments (SAZS)
+    sazs_min_iou: float = 0.5  # sazs: an eigen-mask replaces a name's mask from this IoU with it
+    spectral_weight: float = 0.0  # training: pull predictions toward the eigen-segments (ours, not SAZS)
     deep_prompts: int = 0  # zegclip: prompt tokens per block of a timm ViT (needs use_cache=false)
     zegformer_grouping: str = "queries"  # queries (learned, class-agnostic) | spectral
     zegformer_queries: int = 16  # mask queries (or spectral segments)
-    zegformer_pixel_weight: float = 0.5  # ensemble: share of the pixel-level score
+    zegformer_lambda: float = 2 / 3  # ZegFormer's fusion exponent (seen: segment^l x CLIP^(1-l))
     pseudo_labels: str = "none"  # none | kmeans (CLIP-ZSS pixel learning)
     pseudo_clusters: int = 4  # K-means pseudo-classes per image
     pseudo_scales: list[str] = field(default_factory=lambda: ["1", "3"])  # neighbourhoods fused
     pseudo_weight: float = 0.5
-    global_loss_weight: float = 0.0  # CLIP-ZSS global term (needs a CLS token and use_cache=false)
+    global_loss_weight: float = 0.0  # CLIP-ZSS global term (needs a backbone with a CLS token)
 
     def __post_init__(self) -> None:
         self._check_ranges()
@@ -130,43 +163,27 @@ class Config:
         self.heads = self.heads or heads
         if self.dim % self.heads:
             raise ConfigError(f"config key 'dim': {self.dim} is not divisible by heads={self.heads}")
-        # The choices are the registries' own keys (imported here, not at module level: the
-        # registries' modules import this one).
-        from fusioner.data import BUILDERS
-        from fusioner.inference import MODES
-        from fusioner.model.decoder import LAYOUTS
-        from fusioner.model.fusion import FUSIONS
-
+        if self.decoder == "paper":
+            # Heads saved with it still load (model/decoder.py); new runs must say what they mean.
+            raise ConfigError(
+                "config key 'decoder': 'paper' was a three-stage GroupNorm decoder that is not the "
+                "released Fusioner decoder; use 'released' for the paper's head (issue 20) or 'default'"
+            )
         choices = {
-            "decoder": LAYOUTS,
-            "fusion_attention": tuple(FUSIONS),
+            "decoder": _registered("decoder"),
+            "fusion_layout": _registered("fusion_layout"),
+            "fusion_attention": _registered("fusion_attention"),
             "precision": ("auto", "no", "bf16", "fp16"),
-            "eval_mode": tuple(MODES),
+            "eval_mode": _registered("eval_mode"),
             "eval_split": ("val", "test"),
-            "dataset": tuple(BUILDERS),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(
                     f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                 )
-        from fusioner.methods import check_config
-
-        check_config(self)
-        self._check_fold()
-
-    def _check_fold(self) -> None:
-        """The fold must exist in its dataset (read from the dataset registry), so a run of fold 7 is
-        refused here, not after its config.yaml is written and its backbones are loaded. Datasets
-        without folds ignore the key (sweeps use it as a plain axis there)."""
-        from fusioner.data.registry import FOLDS
-
-        folds = FOLDS.get(self.dataset, 0)
-        if folds and self.fold >= folds:
-            raise ConfigError(
-                f"config key 'fold': {self.fold} is out of range for dataset {self.dataset!r}, "
-                f"which has folds 0-{folds - 1}"
-            )
+        for check in _CHECKS:
+            check(self)
 
     def _check_ranges(self) -> None:
         """Refuse numeric values no run can use, before anything loads or writes (``temperature=0``
@@ -280,8 +297,49 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> Config:
-    """Read ``path`` (YAML), apply ``key=value`` overrides then keyword overrides, validate."""
+# Keys naming something to read. A relative one in a config file means a path from the file's own
+# folder, so `--config /any/where/ccp.yaml` works from any current folder; on the command line it
+# means one from the current folder, as every shell path does. Outputs (out_dir, cache_dir) stay
+# relative to the current folder: runs land where the command is run, as the README's `runs/...`.
+INPUT_PATH_KEYS = ("data_path", "split_dir", "data_root")
+# Weights may be a file or a Hub id / registry word ("random"): a relative value is a path only
+# where that file exists beside the config file.
+WEIGHTS_KEYS = ("vision_weights", "text_weights")
+
+
+def _resolve_path(key: str, value: Any, base: Path, where: str) -> tuple[Any, str | None]:
+    """``value`` of path key ``key`` made absolute against ``base``, and what to say if it is missing
+    (naming the base used, ``where``: "the config file's folder" / "the current folder")."""
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return value, None
+    resolved = Path(os.path.normpath(base / Path(value).expanduser()))
+    if key in WEIGHTS_KEYS:
+        return (str(resolved), None) if resolved.exists() else (value, None)
+    missing = None
+    if not resolved.exists():
+        missing = (
+            f"config key {key!r}: {value} does not exist relative to {where} {base} (looked for "
+            f"{resolved}); relative paths in a config file start at its folder, on the command line at "
+            "the current one"
+        )
+    return str(resolved), missing
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    check_paths: bool = False,
+    **kwargs: Any,
+) -> Config:
+    """Read ``path`` (YAML), apply ``key=value`` overrides then keyword overrides, validate.
+
+    Relative input paths (:data:`INPUT_PATH_KEYS`, and weights files that exist) are made absolute:
+    from the config file's folder for its values, from the current folder for overrides; keyword
+    arguments are kept as given (Python resolves them against the current folder anyway).
+    ``check_paths``: refuse a relative input path that does not exist, saying which base it was
+    resolved against (commands that read the data ask for it; merely loading a config does not).
+    """
     values: dict[str, Any] = {}
     if path is not None:
         for key, value in read_yaml_mapping(path, "config file").items():
@@ -293,6 +351,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         values[canonical_key(key, "command line")] = (value, "command line")
     for key, value in kwargs.items():
         values[canonical_key(key, "keyword argument")] = (value, "keyword argument")
+    # Resolved after merging: a file's placeholder path that the command line replaces is never read.
+    for key in INPUT_PATH_KEYS + WEIGHTS_KEYS:
+        value, source = values.get(key, (None, "keyword argument"))
+        if source == "keyword argument":
+            continue
+        if source == "command line":
+            resolved, missing = _resolve_path(key, value, Path.cwd(), "the current folder")
+        else:
+            resolved, missing = _resolve_path(
+                key, value, Path(str(path)).resolve().parent, "the config file's folder"
+            )
+        if missing and check_paths:
+            raise ConfigError(missing)
+        values[key] = (resolved, source)
     coerced = {key: _coerce(key, value) for key, (value, _src) in values.items()}
     return Config(**coerced)
 

@@ -23,8 +23,8 @@ from fusioner.adapters.registry import check
 from fusioner.config import Config
 from fusioner.errors import ConfigError, DataError, FusionerError, WeightsError
 from fusioner.io import read_json
+from fusioner.model.files import CONFIG_NAME, WEIGHTS_NAME
 from fusioner.model.head import HeadConfig
-from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
 from fusioner.run import Metrics, RunDir, pct
 
 CARD_NAME = "README.md"

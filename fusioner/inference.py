@@ -21,6 +21,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from fusioner.config import register_choices
+from fusioner.methods.registry import call_head
+
 NAMES_PER_PASS = 64
 
 
@@ -52,16 +55,23 @@ def labels_of(logits: Tensor | list[Tensor], threshold: float) -> Tensor | list[
 
 
 def _head_logits(
-    model, tokens: Tensor, grid: tuple[int, int], text: Tensor, image: Tensor | None = None
+    model,
+    tokens: Tensor,
+    grid: tuple[int, int],
+    text: Tensor,
+    image: Tensor | None = None,
+    cls: Tensor | None = None,
 ) -> Tensor:
     """tokens ``1 n c``, text ``k ct`` -> logits ``1 k h w`` at the decoder's resolution, in chunks.
 
     The model's refiner (config key ``refine``, fusioner/methods) runs here, on the logits of every
     name at once, so evaluation, ``predict`` and ``FusionerModel.logits`` all see it; ``image``
-    (``1 3 s s``, the view the tokens came from) serves a refiner with a backbone of its own.
+    (``1 3 s s``, the view the tokens came from) serves a refiner with a backbone of its own; ``cls``
+    (``1 c``, the view's CLS token) reaches the heads that read it (ZegCLIP).
     """
     tokens = tokens.to(text.device, torch.float32)
-    chunks = [model.head(tokens, grid, part[None]) for part in text.split(NAMES_PER_PASS)]
+    cls = cls.to(text.device, torch.float32) if cls is not None else None
+    chunks = [call_head(model.head, tokens, grid, part[None], cls) for part in text.split(NAMES_PER_PASS)]
     logits = torch.cat(chunks, dim=1)
     refiner = getattr(model, "refiner", None)
     return logits if refiner is None else refiner(logits, tokens, grid, image)
@@ -72,22 +82,26 @@ def _square(image: Tensor, size: int) -> Tensor:
     return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def _encode(model, image: Tensor) -> tuple[Tensor, tuple[int, int]]:
+def _encode(model, image: Tensor) -> tuple[Tensor, tuple[int, int], Tensor | None]:
     out = model.vision(image)
-    return out.tokens, out.grid
+    return out.tokens, out.grid, out.cls
 
 
-def fixed_logits(model, image: Tensor, text: Tensor, size: int, tokens: Tensor | None = None) -> Tensor:
-    """image ``3 H W``, text ``k ct`` -> logits ``k H W``; ``tokens`` ``gh gw c``: cached features."""
+def fixed_logits(
+    model, image: Tensor, text: Tensor, size: int, tokens: Tensor | None = None, cls: Tensor | None = None
+) -> Tensor:
+    """image ``3 H W``, text ``k ct`` -> logits ``k H W``; ``tokens`` ``gh gw c`` and ``cls`` ``c``:
+    cached features."""
     h, w = image.shape[-2:]
     # Cached tokens need no resized image, unless the refiner runs a backbone of its own on it.
     wants_view = tokens is None or getattr(getattr(model, "refiner", None), "vision", None) is not None
     square = _square(image, size) if wants_view else None
     if tokens is not None:
         flat, grid = tokens.flatten(0, 1)[None], (tokens.shape[0], tokens.shape[1])
+        cls = cls[None] if cls is not None else None
     else:
-        flat, grid = _encode(model, square)
-    logits = _head_logits(model, flat, grid, text, square)  # at the decoder's resolution: resized once
+        flat, grid, cls = _encode(model, square)
+    logits = _head_logits(model, flat, grid, text, square, cls)  # at the decoder's resolution: resized once
     return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
@@ -103,7 +117,9 @@ def _windows(image: Tensor, size: int) -> tuple[Tensor, list[int], list[int]]:
     return padded, ys, xs
 
 
-def sliding_logits(model, image: Tensor, text: Tensor, size: int, tokens: Tensor | None = None) -> Tensor:
+def sliding_logits(
+    model, image: Tensor, text: Tensor, size: int, tokens: Tensor | None = None, cls: Tensor | None = None
+) -> Tensor:
     """Average the logits of ``size x size`` windows (stride 2/3 size) over the original image."""
     h, w = image.shape[-2:]
     padded, ys, xs = _windows(image, size)
@@ -113,8 +129,8 @@ def sliding_logits(model, image: Tensor, text: Tensor, size: int, tokens: Tensor
     for y in ys:
         for x in xs:
             window = padded[None, :, y : y + size, x : x + size]
-            flat, grid = _encode(model, window)
-            logits = _head_logits(model, flat, grid, text, window)
+            flat, grid, window_cls = _encode(model, window)
+            logits = _head_logits(model, flat, grid, text, window, window_cls)
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
             total[:, y : y + size, x : x + size] += logits[0].float()
             count[:, y : y + size, x : x + size] += 1
@@ -122,19 +138,28 @@ def sliding_logits(model, image: Tensor, text: Tensor, size: int, tokens: Tensor
 
 
 MODES: dict[str, Callable[..., Tensor]] = {"fixed": fixed_logits, "sliding": sliding_logits}
+register_choices("eval_mode", MODES)
 
 
 def image_logits(
-    model, image: Tensor, text: Tensor, *, size: int, mode: str = "fixed", tokens: Tensor | None = None
+    model,
+    image: Tensor,
+    text: Tensor,
+    *,
+    size: int,
+    mode: str = "fixed",
+    tokens: Tensor | None = None,
+    cls: Tensor | None = None,
 ) -> Tensor:
-    """One image ``3 H W`` of any size, text embeddings ``k ct`` -> logits ``k H W``."""
+    """One image ``3 H W`` of any size, text embeddings ``k ct`` -> logits ``k H W``; ``tokens``
+    (``gh gw c``) and ``cls`` (``c``): the fixed-size image's cached features."""
     if mode not in MODES:
         raise ValueError(f"inference mode must be one of {', '.join(MODES)}, got {mode!r}")
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected an image '3 h w', got shape {tuple(image.shape)}")
     if tokens is not None and mode != "fixed":
         raise ValueError("cached tokens are features of the fixed-size image; sliding mode cannot use them")
-    return MODES[mode](model, image, text, size, tokens)
+    return MODES[mode](model, image, text, size, tokens, cls)
 
 
 def batch_logits(
@@ -150,9 +175,10 @@ def batch_logits(
     out = model.vision(torch.cat([_square(im, size) for im in images]))
     gh, gw = out.grid
     grids = out.tokens.unflatten(1, (gh, gw))  # b gh gw c
+    cls = out.cls if out.cls is not None else [None] * len(images)
     return [
-        image_logits(model, im, text, size=size, mode="fixed", tokens=g)
-        for im, g in zip(images, grids, strict=True)
+        image_logits(model, im, text, size=size, mode="fixed", tokens=g, cls=c)
+        for im, g, c in zip(images, grids, cls, strict=True)
     ]
 
 
@@ -196,13 +222,13 @@ def argmax_labels(
         # A refiner sees the names chunk by chunk; spectral (fusioner/methods) refines each name
         # apart, so the chunks change no number.
         if mode == "fixed":
-            square, (flat, grid), _ = views[0]
-            logits = _head_logits(model, flat, grid, part, square)[0]  # c gh' gw', the decoder's resolution
+            square, (flat, grid, cls), _ = views[0]
+            logits = _head_logits(model, flat, grid, part, square, cls)[0]  # c gh' gw', the decoder's resolution
         else:
             logits = torch.zeros(part.shape[0], *padded_size, device=text.device)
             count = torch.zeros(1, *padded_size, device=text.device)
-            for view, (flat, grid), (y, x) in views:
-                window = _head_logits(model, flat, grid, part, view)
+            for view, (flat, grid, cls), (y, x) in views:
+                window = _head_logits(model, flat, grid, part, view, cls)
                 window = F.interpolate(window, size=(size, size), mode="bilinear", align_corners=False)
                 logits[:, y : y + size, x : x + size] += window[0].float()
                 count[:, y : y + size, x : x + size] += 1

@@ -2,7 +2,8 @@
 
 Where the outputs go (:func:`plan_outputs`), and what ``--out`` may already hold:
 
-* Each input ``x/photo.jpg`` writes ``<name>_labels.png`` and ``<name>_overlay.png``. ``<name>`` is
+* Each input ``x/photo.jpg`` writes ``<name>_labels.png`` and ``<name>_overlay.png`` (``--mode
+  one-name``: ``<name>_mask<i>.png`` per class name i, 255 inside, in place of the label map). ``<name>`` is
   the input's stem (``photo``) when no other input of the same call shares it (compared
   case-insensitively, as macOS and Windows file systems do); inputs that share one use their file
   name (``photo.jpg``), and those still equal prepend as many parent folders as it takes, joined by
@@ -20,6 +21,7 @@ Where the outputs go (:func:`plan_outputs`), and what ``--out`` may already hold
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,23 +31,28 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fusioner.data.base import read_image
+from fusioner.decide import Decision, check_refiner, refiner_as
 from fusioner.errors import DataError, FusionerError
+from fusioner.inputs import check_name, read_image
 from fusioner.io import atomic_save_png, atomic_write_json, atomic_write_text
 from fusioner.model import FusionerModel
-from fusioner.visualize import overlay, to_uint8
+from fusioner.progress import Counter, step
+from fusioner.visualize import masks_overlay, overlay, to_uint8
 
 MAX_NAMES = 254  # label maps are uint8 PNGs and 255 means "ignore" in every dataset
 CLASSES = "classes.txt"
 MANIFEST = "predictions.json"
 WRITER = "fusioner predict"  # the manifest's mark: a predictions.json without it is someone else's
 LABELS, OVERLAY = "_labels.png", "_overlay.png"
+MASK = "_mask{}.png"  # one-name mode: one binary mask per class name, numbered as in classes.txt
 
 
 def check_names(names: Sequence[str]) -> None:
     """Refuse a class list a label map cannot hold: empty, with duplicates, or over MAX_NAMES names."""
     if not names:
         raise FusionerError("--classes is empty: give at least one class name")
+    for name in names:  # classes.txt holds one name a line: a line break would shift every label
+        check_name(name, "--classes")
     if len(set(names)) != len(names):
         raise FusionerError(
             f"--classes has duplicate names: {sorted({n for n in names if names.count(n) > 1})}"
@@ -92,13 +99,18 @@ class OutputPlan:
     names: tuple[str, ...]  # the class names, label i = names[i - 1]
     images: tuple[tuple[str, str], ...]  # (input path as given, output name)
     recorded: dict[str, str]  # the existing manifest's files (output file -> its input)
+    masks: bool = False  # one-name mode: a mask per class name in place of the label map
+
+    def suffixes(self) -> list[str]:
+        maps = [MASK.format(i) for i in range(1, len(self.names) + 1)] if self.masks else [LABELS]
+        return [*maps, OVERLAY]
 
     def files(self) -> dict[str, str]:
         """Output file name -> the input it comes from, for this call."""
         return {
             name + suffix: str(Path(image).resolve())
             for image, name in self.images
-            for suffix in (LABELS, OVERLAY)
+            for suffix in self.suffixes()
         }
 
 
@@ -128,7 +140,14 @@ def _classes_text(names: Sequence[str]) -> str:
     return "\n".join(["background", *names]) + "\n"
 
 
-def plan_outputs(images: Sequence[str], names: Sequence[str], out: Path) -> OutputPlan:
+def _is_map(file: str) -> bool:
+    """A label map or a one-name mask: files whose values mean class numbers of classes.txt."""
+    return file.endswith(LABELS) or re.search(r"_mask\d+\.png$", file) is not None
+
+
+def plan_outputs(
+    images: Sequence[str], names: Sequence[str], out: Path, *, masks: bool = False
+) -> OutputPlan:
     """Name every output and refuse, before anything is written, to replace a file predict did not write.
 
     Raises FusionerError naming the first such file, a missing input, or (with other class names than
@@ -142,7 +161,7 @@ def plan_outputs(images: Sequence[str], names: Sequence[str], out: Path) -> Outp
             raise DataError(f"image file {image} does not exist")
     plan_images = tuple(zip(images, output_names(images), strict=True))
     manifest = _read_manifest(out) or {"files": {}, "classes": None}
-    plan = OutputPlan(out, tuple(names), plan_images, dict(manifest["files"]))
+    plan = OutputPlan(out, tuple(names), plan_images, dict(manifest["files"]), masks)
     classes = out / CLASSES
     if classes.exists() and (
         manifest["classes"] is None or classes.read_bytes() != _classes_text(manifest["classes"]).encode()
@@ -153,7 +172,7 @@ def plan_outputs(images: Sequence[str], names: Sequence[str], out: Path) -> Outp
             raise _refuse_foreign(out / file)
     if manifest["classes"] is not None and list(manifest["classes"]) != list(names):
         stale = sorted(
-            f for f in plan.recorded if f.endswith(LABELS) and f not in plan.files() and (out / f).exists()
+            f for f in plan.recorded if _is_map(f) and f not in plan.files() and (out / f).exists()
         )
         if stale:
             raise DataError(
@@ -165,11 +184,12 @@ def plan_outputs(images: Sequence[str], names: Sequence[str], out: Path) -> Outp
 
 
 def write_predictions(plan: OutputPlan, segment: Callable[[Tensor], Tensor]) -> list[Path]:
-    """Run ``segment`` (float ``3 h w`` in [0, 1] -> integer labels ``h w``, 0 = background) on each
-    input and write its label map and overlay, with ``classes.txt`` and ``predictions.json``.
+    """Run ``segment`` on each input and write its label map (or masks) and overlay, with
+    ``classes.txt`` and ``predictions.json``.
 
-    Any predictor (the PyTorch model, an exported one) writes through this one function, so every
-    one of them names and guards its outputs the same way.
+    ``segment``: float ``3 h w`` in [0, 1] -> integer labels ``h w`` (0 = background), or with
+    ``plan.masks`` bool masks ``k h w``. Any predictor (the PyTorch model, an exported one) writes
+    through this one function, so every one of them names and guards its outputs the same way.
     """
     out, names = plan.out, list(plan.names)
     # The manifest goes first, listing every file about to be written: a call killed half-way
@@ -178,21 +198,80 @@ def write_predictions(plan: OutputPlan, segment: Callable[[Tensor], Tensor]) -> 
     atomic_write_json(out / MANIFEST, {"written_by": WRITER, "classes": names, "files": files})
     atomic_write_text(out / CLASSES, _classes_text(names))
     written = []
+    counter = Counter(len(plan.images), "predict")
     for image_path, name in plan.images:
         image = read_image(image_path)
-        labels = segment(image).to(torch.uint8).cpu().numpy()  # h w
-        label_png = atomic_save_png(out / f"{name}{LABELS}", Image.fromarray(labels))
-        picture = overlay(to_uint8(image), labels.astype(np.int64), names)
-        overlay_png = atomic_save_png(out / f"{name}{OVERLAY}", picture)
-        written += [overlay_png, label_png]
+        answer = segment(image).cpu()
+        if plan.masks:
+            masks = answer.bool().numpy()  # k h w
+            for i, mask in enumerate(masks, start=1):
+                png = Image.fromarray(mask.astype(np.uint8) * 255)
+                written.append(atomic_save_png(out / f"{name}{MASK.format(i)}", png))
+            picture = masks_overlay(to_uint8(image), masks, names)
+        else:
+            labels = answer.to(torch.uint8).numpy()  # h w
+            written.append(atomic_save_png(out / f"{name}{LABELS}", Image.fromarray(labels)))
+            picture = overlay(to_uint8(image), labels.astype(np.int64), names)
+        written.append(atomic_save_png(out / f"{name}{OVERLAY}", picture))
+        counter.advance(Path(image_path).name)
     return written
 
 
+def choose_decision(
+    model: FusionerModel, *, threshold: float | None, mode: str, seen_bias: float | None, inference: str
+) -> tuple[Decision, frozenset[str]]:
+    """The settings of one predict call and the names the seen bias applies to.
+
+    ``threshold`` None: the model's own; ``seen_bias`` None: the calibration in the run's
+    metrics.json (none found: 0, the plain rule).
+    """
+    calibration = model.calibration
+    if seen_bias is None:
+        seen_bias = calibration.seen_bias if calibration else 0.0
+    elif seen_bias and calibration is None:
+        raise FusionerError(
+            "--seen-bias needs the names the model was trained on, from its run's metrics.json "
+            "(fusioner eval writes it); none found beside the model"
+        )
+    threshold = model.threshold if threshold is None else threshold
+    decision = Decision(threshold, mode, seen_bias, inference)
+    return decision, calibration.seen if calibration else frozenset()
+
+
 @torch.no_grad()
-def predict_images(model_source: str, images: list[str], names: list[str], out: Path) -> list[Path]:
-    """Write a label map and an overlay per image into ``out`` (names and guards: see the module doc)."""
-    plan = plan_outputs(images, names, out)  # before the model loads: a refusal costs nothing
-    model = FusionerModel.from_pretrained(model_source)
+def predict_images(
+    model_source: str,
+    images: list[str],
+    names: list[str],
+    out: Path,
+    *,
+    threshold: float | None = None,
+    mode: str = "best-name",
+    seen_bias: float | None = None,
+    refine: str = "",
+    inference: str = "fixed",
+) -> list[Path]:
+    """Write a label map (or masks) and an overlay per image into ``out`` (see the module doc).
+
+    ``threshold`` default the model's; ``seen_bias`` default the run's calibration; ``refine`` a
+    refiner of fusioner.methods ("" = the model's own); ``inference`` fixed | sliding.
+    """
+    # Bad values and refused outputs before the model loads: a refusal costs nothing.
+    Decision(0.5 if threshold is None else threshold, mode, seen_bias or 0.0, inference)
+    check_refiner(refine)
+    plan = plan_outputs(images, names, out, masks=mode == "one-name")
+    with step(f"loading model {model_source}"):
+        model = FusionerModel.from_pretrained(model_source)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    return write_predictions(plan, lambda image: model.predict(image.to(device), names))
+    decision, seen = choose_decision(
+        model, threshold=threshold, mode=mode, seen_bias=seen_bias, inference=inference
+    )
+    flags = torch.tensor([n in seen for n in names], dtype=torch.bool)
+
+    def segment(image: Tensor) -> Tensor:
+        with refiner_as(model, refine):
+            logits = model.logits(image.to(device), names, mode=decision.inference)
+        return decision.apply(logits, flags)
+
+    return write_predictions(plan, segment)

@@ -31,6 +31,8 @@ from fusioner.data.pictograms import PictogramScenes  # noqa: E402
 from fusioner.engine.cache import prepare_cache  # noqa: E402
 from fusioner.engine.evaluate import EvalSettings, evaluate  # noqa: E402
 from fusioner.engine.train import train  # noqa: E402
+from fusioner.errors import FusionerError  # noqa: E402
+from fusioner.eval_output import write_metrics  # noqa: E402
 from fusioner.io import atomic_save_png, atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from fusioner.model import FusionerModel  # noqa: E402
 from fusioner.pictograms import generate_scenes  # noqa: E402
@@ -56,6 +58,7 @@ COMMON = {
     "checkpoint_every": 100_000,
     "eval_batch_size": 32,
 }
+OWNER = ".fusioner-quickstart"  # written first: the folder is a quickstart's to rewrite
 FIGURES = ("one_way_unseen_miou", "one_way_unseen_fbiou", "gzss_seen_miou", "gzss_unseen_miou", "gzss_hiou")
 
 
@@ -108,11 +111,29 @@ def _figures(metrics: dict) -> dict[str, float]:
     }
 
 
+def _claim(out: Path) -> None:
+    """Refuse a non-empty ``out`` that no quickstart wrote; mark it ours before writing anything.
+
+    A quickstart rewrites data/, runs/, report.* and the plots in ``out``: a re-run may replace its
+    own files, never a user's (their dataset under data/, their notes in report.md).
+    """
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise FusionerError(f"--out {out} is a file; expected a folder")
+    if entries and not (out / OWNER).is_file():
+        raise FusionerError(
+            f"--out {out} is not empty and fusioner quickstart did not write it (it holds {entries[0]}); "
+            "choose a new or empty folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / OWNER, "written by fusioner quickstart; a re-run may replace its files here\n")
+
+
 def quickstart(out: Path, *, seed: int = 0, fast: bool = False, overrides: list[str] | None = None) -> Report:
     mode = "fast" if fast else "full"
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
 
     num_train, num_val = SCENES[mode]
     data_dir = generate_scenes(out / "data", num_train=num_train, num_val=num_val, seed=seed)
@@ -148,7 +169,7 @@ def quickstart(out: Path, *, seed: int = 0, fast: bool = False, overrides: list[
         metrics = evaluate(
             model, val_set, seen=split.seen, unseen=split.unseen, settings=settings, cache=cache
         )
-        atomic_write_json(RunDir(cfg.out_dir).metrics, metrics)
+        write_metrics(RunDir(cfg.out_dir).metrics, metrics)  # with eval's mark: `fusioner eval` may redo it
         timings[f"eval_{name}"] = time.perf_counter() - t0
         results[name] = (_figures(metrics), model)
     timings["total"] = time.perf_counter() - start

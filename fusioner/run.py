@@ -7,7 +7,10 @@ Layout of a run directory (``out_dir`` of a training config)::
     losses.jsonl         one {"step", "loss", "lr"} per optimizer step
     model/               the finished model (``FusionerModel.save_pretrained``)
     train_state.json     {"steps", "total_steps", "finished"}, written after model/
-    metrics.json         written by evaluation
+    metrics.json         written by evaluation under the run's own config (the figures and the
+                         seen_bias calibration that push, the demo and predict read)
+    evals/*.json         evaluations under another dataset or other settings (never metrics.json)
+    .fusioner-run        written first by ``train``: marks the folder as a run this library made
     error.txt            a sweep's record of the run's last failure
     run.lock             held (``filelock``) by the process training into the directory
     run.lock.json        {"pid", "host", "started"} of that process, for the message that refuses another
@@ -23,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +39,8 @@ from filelock import FileLock, Timeout
 
 from fusioner.config import RUNTIME_KEYS, Config, config_changes, load_config
 from fusioner.errors import ConfigError, DataError, FusionerError
-from fusioner.io import atomic_write_json, read_json
+from fusioner.io import atomic_write_json, atomic_write_text, read_json
+from fusioner.model.files import CONFIG_NAME, WEIGHTS_NAME
 
 CONFIG = "config.yaml"
 TRAIN_STATE = "train_state.json"
@@ -45,10 +50,15 @@ MODEL = "model"
 LOSSES = "losses.jsonl"
 METRICS = "metrics.json"
 ERROR = "error.txt"
+EVALS = "evals"
+MARKER = ".fusioner-run"
+EVAL_WRITER = "fusioner eval"  # the mark of a metrics file eval wrote (see write_metrics)
 LOCK = "run.lock"
 LOCK_HOLDER = "run.lock.json"
 # A finished checkpoint folder; "step-*.tmp" is one being written, "step-*.damaged" one set aside.
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+# What a training writes into a new folder before anything else: such a folder is still claimable.
+_CLAIM_NAMES = frozenset({LOCK, LOCK_HOLDER, MARKER})
 
 # Run states, as found on disk.
 DONE, FAILED, TRAINED, PARTIAL, PENDING = "done", "failed", "trained", "partial", "pending"
@@ -58,6 +68,20 @@ STATES = (DONE, FAILED, TRAINED, PARTIAL, PENDING)
 def pct(value: Any) -> str:
     """A fraction as a percentage with one decimal; ``n/a`` for NaN and for anything not a number."""
     return "n/a" if not isinstance(value, (int, float)) or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _gzss_figures(gz: dict[str, Any]) -> str:
+    """Seen / unseen / hIoU of each GZSS protocol, named, the headline's protocol first
+    (fusioner/engine/metrics.py GZSS_PROTOCOLS); a file from before protocols were named as it is."""
+
+    def figures(m: dict[str, Any]) -> str:
+        return f"seen {m['miou_seen']:.4f} unseen {m['miou_unseen']:.4f} hIoU {m['hiou']:.4f}"
+
+    if "protocols" not in gz:
+        return figures(gz)
+    first = gz.get("protocol")
+    order = sorted(gz["protocols"], key=lambda name: name != first)
+    return "; ".join(f"[{name}] {figures(gz['protocols'][name])}" for name in order)
 
 
 @dataclass(frozen=True)
@@ -106,13 +130,12 @@ class Metrics:
         if "one_way_seen" in self.data:
             line += f"  (seen names {self.data['one_way_seen']['miou']:.4f})"
         if gz is not None:
-            line += f"  |  GZSS seen {gz['miou_seen']:.4f} unseen {gz['miou_unseen']:.4f}"
-            line += f" hIoU {gz['hiou']:.4f}"
+            line += f"  |  GZSS {_gzss_figures(gz)}"
             cal = self.gzss_calibrated
             if cal is not None:
                 chosen = cal.get("chosen_on", "?")
                 line += f"  |  calibrated (seen_bias {cal['seen_bias']:.2f}, chosen on {chosen})"
-                line += f" seen {cal['miou_seen']:.4f} unseen {cal['miou_unseen']:.4f} hIoU {cal['hiou']:.4f}"
+                line += f" {_gzss_figures(cal)}"
         else:
             line += f"  |  n-way (each image's own names in one pass) mIoU {self.data['n_way']['miou']:.4f}"
         return line
@@ -169,6 +192,14 @@ class RunDir:
         return self.path / ERROR
 
     @property
+    def evals(self) -> Path:
+        return self.path / EVALS
+
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
+    @property
     def lock_file(self) -> Path:
         return self.path / LOCK
 
@@ -188,6 +219,67 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         done = self.list_checkpoints()
         return done[-1] if done else None
+
+    # -- claiming a folder for training ----------------------------------------------------------
+    @classmethod
+    def for_training(cls, out_dir: str | Path) -> RunDir:
+        """The run directory ``out_dir`` names, refused (ConfigError) where training would write into
+        a folder it did not make: an empty value (an unset shell variable would make it the current
+        folder), a file, or a non-empty folder that is not a run directory (see :meth:`is_run`)."""
+        if not str(out_dir).strip():
+            raise ConfigError(
+                "config key 'out_dir' is empty (an unset shell variable?); expected the folder of the run"
+            )
+        run = cls(out_dir)
+        if run.path.exists() and not run.path.is_dir():
+            raise ConfigError(f"config key 'out_dir': {run.path} is a file; expected a folder for the run")
+        if run.path.is_dir() and not run.is_run():
+            foreign = sorted(p.name for p in run.path.iterdir() if p.name not in _CLAIM_NAMES)
+            raise ConfigError(
+                f"config key 'out_dir': {run.path} is not empty and is not a run directory (it holds "
+                f"{run.path / foreign[0]}); training would write over it: choose a new or empty folder"
+            )
+        return run
+
+    def is_run(self) -> bool:
+        """True for a folder this library's training made (or an empty one it may claim).
+
+        Made: it holds the marker train writes first, or, for runs made before the marker existed, a
+        config.yaml with a training state or a checkpoint. A user's folder with a config.yaml and a
+        losses.jsonl of their own is none of these, and train must not rewrite either file.
+        """
+        if not self.path.is_dir():
+            return False
+        if self.marker.is_file():
+            return True
+        if self.config.is_file() and (self.train_state.is_file() or self.latest_checkpoint() is not None):
+            return True
+        # Empty, or only what another process of this very launch wrote an instant ago (its lock).
+        return all(p.name in _CLAIM_NAMES for p in self.path.iterdir())
+
+    def start_over(self, config_checked: bool, *, write: bool) -> None:
+        """Training is about to start at step 0 in this directory: drop what an earlier training left.
+
+        Without ``config_checked`` (no ``--resume``), a finished model or metrics here are refused:
+        they came from another training, maybe under another config, and would be read as this one's
+        (a sweep skips a run with metrics.json, push publishes them, the demo applies their
+        calibration). With it, the config was found equal (:meth:`check_resumable`), and the old
+        figures, which describe a model about to be replaced, are removed (``write``: by the main
+        process only).
+        """
+        stale = [p for p in (self.metrics, self.evals, self.train_state, self.model) if p.exists()]
+        if not stale:
+            return
+        if not config_checked:
+            raise FusionerError(
+                f"{self.path} holds an earlier training's results ({', '.join(map(str, stale))}); "
+                "train into another out_dir, or pass --resume to retrain under the same config"
+            )
+        if write:
+            for path in (self.metrics, self.train_state):
+                path.unlink(missing_ok=True)
+            if self.evals.is_dir():
+                shutil.rmtree(self.evals)
 
     # -- one writer at a time --------------------------------------------------------------------
     @contextmanager
@@ -211,6 +303,8 @@ class RunDir:
             started = datetime.now(UTC).isoformat(timespec="seconds")
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
             atomic_write_json(self.lock_holder, holder)
+            if not self.marker.is_file():  # only training locks a run: it marks the folder as one
+                atomic_write_text(self.marker, "a fusioner training run; `fusioner train` may write here\n")
             yield
         finally:
             self.lock_holder.unlink(missing_ok=True)
@@ -282,9 +376,6 @@ class RunDir:
     # -- state -----------------------------------------------------------------------------------
     def missing_model_files(self) -> list[Path]:
         """What ``model/`` lacks to be a finished model folder; empty when it is one."""
-        # Imported here: the model module may use this one for the run directory's names.
-        from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
-
         return [self.model / f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (self.model / f).is_file()]
 
     def has_metrics(self) -> bool:

@@ -19,8 +19,8 @@ import PIL
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, DatasetCardData, HfApi
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
-import fusioner
 from fusioner.errors import DataError, FusionerError
+from fusioner.version import __version__
 from mosaic4.fss import FSSClass
 from mosaic4.generate import SPLIT, MosaicOptions, fingerprint
 
@@ -68,7 +68,7 @@ def generation_record(
         "classes_sha256": classes_digest(classes),
         "fingerprint": fingerprint(classes, options),
         "versions": {
-            "fusioner": fusioner.__version__,
+            "fusioner": __version__,
             "numpy": np.__version__,
             "pillow": PIL.__version__,
             "datasets": datasets.__version__,
@@ -134,7 +134,7 @@ quarter from the class name alone.
 - Sample `i` draws four distinct classes and one image of each from a numpy generator seeded with
   `(seed={options.seed}, i)`. The first class drawn is the query; its tile is {placement}.
 - Images are stored as {options.image_format.upper()}, label maps as lossless PNG.
-- Generated with fusioner {fusioner.__version__} (numpy {np.__version__}, Pillow {PIL.__version__}).
+- Generated with fusioner {__version__} (numpy {np.__version__}, Pillow {PIL.__version__}).
   The same FSS-1000 files, options and library versions give byte-identical output:
 
 ```

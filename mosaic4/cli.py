@@ -56,7 +56,16 @@ def draw_preview(
 def _generate(args: argparse.Namespace) -> None:
     from mosaic4.card import build_card, publish
     from mosaic4.fss import read_class_list, scan_fss
-    from mosaic4.generate import MosaicOptions, check_classes, check_repeats, drawn_distinct, write_mosaic4
+    from mosaic4.generate import (
+        MosaicOptions,
+        check_apart,
+        check_classes,
+        check_repeats,
+        drawn_distinct,
+        write_mosaic4,
+    )
+
+    check_apart(args.out, args.fss_root)  # before anything is read or written
 
     options = MosaicOptions(
         num=args.num,

@@ -258,6 +258,22 @@ def export_parquet(data: datasets.Dataset, folder: str | Path) -> list[Path]:
     return paths
 
 
+def check_apart(out: str | Path, source: str | Path) -> None:
+    """Refuse an output that is the source folder, holds it, or lies inside it.
+
+    ``--overwrite`` replaces ``out`` as a whole, so an ``out`` equal to (or a parent of) the source
+    would delete the source photos and whatever else is there; one inside the source would be
+    scanned as a class folder by the next generation, or (``--overwrite``) replace one.
+    """
+    out_path, src = Path(out).resolve(), Path(source).resolve()
+    if out_path == src or src.is_relative_to(out_path) or out_path.is_relative_to(src):
+        where = "is" if out_path == src else "holds" if src.is_relative_to(out_path) else "is inside"
+        raise DataError(
+            f"output {out} {where} the source --fss-root {source}; writing it would replace the source "
+            "photos: choose an output folder outside it"
+        )
+
+
 @contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a staging directory beside ``out``; on success it replaces ``out`` in one rename.

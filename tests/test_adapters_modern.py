@@ -26,7 +26,8 @@ from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 from fusioner.adapters import check, create_text, create_vision, list_text, list_vision
 from fusioner.adapters.hf_text import HFText
-from fusioner.adapters.open_clip import OPEN_CLIP_MODELS, default_source, dense_attention_pool
+from fusioner.adapters.open_clip import OPEN_CLIP_MODELS, dense_attention_pool
+from fusioner.adapters.open_clip_load import default_source
 from fusioner.adapters.registry import TEXT, VISION
 from fusioner.adapters.timm_vision import DINOV2_ARCHS, DINOV3_ARCHS
 from fusioner.errors import ConfigError, FusionerError, UnknownNameError, WeightsError

@@ -88,3 +88,161 @@ def test_cache_command_fills_the_feature_cache_once(voc_folder, tmp_path, capsys
     shards = sorted(p.stat().st_mtime_ns for p in folder.glob("shard-*"))
     assert main(["cache", "--config", str(config)]) == 0
     assert sorted(p.stat().st_mtime_ns for p in folder.glob("shard-*")) == shards
+
+
+# -- predict with the demo's controls (issue 22 item 1; issue 21 item 14) ----------------------------
+def _calibrated_copy(run_dir, tmp_path, seen_bias: float):
+    """A copy of the run whose metrics.json says cat and dog were seen in training, grass not."""
+    import json
+    import shutil
+
+    run = tmp_path / "calibrated"
+    shutil.copytree(run_dir, run)
+    per_class = {"background": 0.5, "cat": 0.1, "dog": 0.2, "grass": 0.3}
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {
+                "one_way": {"miou": 0.3, "fbiou": 0.6, "per_class": {"grass": 0.3}},
+                "gzss": {"miou_seen": 0.1, "miou_unseen": 0.3, "hiou": 0.15, "per_class": per_class},
+                "gzss_calibrated": {
+                    "miou_seen": 0.1,
+                    "miou_unseen": 0.3,
+                    "hiou": 0.15,
+                    "seen_bias": seen_bias,
+                },
+            }
+        )
+    )
+    return run
+
+
+def _predict(argv, capsys):
+    try:
+        code = main(["predict", *argv])
+    except SystemExit as e:  # argparse's own refusals (a value not among the choices)
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_predict_threshold_changes_the_label_map(run_dir, tmp_path, voc_folder, capsys):
+    image = sorted((voc_folder / "images").glob("*.jpg"))[0]
+    foreground = {}
+    for threshold in ("0.05", "0.95"):
+        out = tmp_path / threshold
+        argv = [str(image), "--model", str(run_dir), "--classes", "cat,dog", "--threshold", threshold]
+        assert _predict([*argv, "--out", str(out)], capsys)[0] == 0
+        foreground[threshold] = (np.asarray(Image.open(out / f"{image.stem}_labels.png")) > 0).mean()
+    # A low bar marks (nearly) every pixel, a high one (nearly) none: the flag is read, not ignored.
+    assert foreground["0.05"] > foreground["0.95"]
+
+
+def test_predict_one_name_mode_writes_one_mask_per_name_equal_to_the_python_api(
+    run_dir, tmp_path, voc_folder, capsys
+):
+    from fusioner.model import FusionerModel
+
+    image = sorted((voc_folder / "images").glob("*.jpg"))[0]
+    out = tmp_path / "o"
+    argv = [
+        str(image),
+        "--model",
+        str(run_dir),
+        "--classes",
+        "a,b",
+        "--threshold",
+        "0.3",
+        "--mode",
+        "one-name",
+    ]
+    code, printed, err = _predict([*argv, "--out", str(out)], capsys)
+    assert code == 0, err
+    masks = [np.asarray(Image.open(out / f"{image.stem}_mask{i}.png")) > 0 for i in (1, 2)]
+    assert not (out / f"{image.stem}_labels.png").exists()
+    assert str(out / f"{image.stem}_mask2.png") in printed
+    model = FusionerModel.from_pretrained(run_dir).eval()
+    expected = model.predict(str(image), "a, b", threshold=0.3, mode="one-name").numpy()
+    assert expected.shape == (2, *masks[0].shape)
+    np.testing.assert_array_equal(np.stack(masks), expected)
+    # Each name alone: the union of the masks is the best-name map's foreground at the same threshold.
+    labels = model.predict(str(image), ["a", "b"], threshold=0.3).numpy()
+    np.testing.assert_array_equal(expected.any(axis=0), labels > 0)
+    assert "loading model" in err  # the slow step says what it does (issue 22 item 7)
+
+
+def test_predict_seen_bias_defaults_to_the_runs_calibration(run_dir, tmp_path, voc_folder, capsys):
+    image = sorted((voc_folder / "images").glob("*.jpg"))[0]
+    run = _calibrated_copy(run_dir, tmp_path, seen_bias=100.0)
+    argv = [str(image), "--model", str(run), "--classes", "cat,dog,grass", "--threshold", "0.05"]
+    assert _predict([*argv, "--out", str(tmp_path / "calibrated-out")], capsys)[0] == 0
+    labels = np.asarray(Image.open(tmp_path / "calibrated-out" / f"{image.stem}_labels.png"))
+    assert set(np.unique(labels).tolist()) <= {0, 3}  # the huge bias leaves only the unseen name, grass
+    assert _predict([*argv, "--seen-bias", "0", "--out", str(tmp_path / "plain")], capsys)[0] == 0
+    plain = np.asarray(Image.open(tmp_path / "plain" / f"{image.stem}_labels.png"))
+    assert set(np.unique(plain).tolist()) & {1, 2}  # without the bias the seen names win pixels
+    # A bias without a calibration to say which names are seen is refused, naming the flag.
+    code, _, err = _predict(
+        [
+            str(image),
+            "--model",
+            str(run_dir),
+            "--classes",
+            "cat",
+            "--seen-bias",
+            "1",
+            "--out",
+            str(tmp_path / "y"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "--seen-bias needs the names the model was trained on" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--treshold", "0.3"], "unknown option(s): --treshold"),
+        (["--mode", "best"], "invalid choice: 'best'"),
+        (["--threshold", "1.5"], "threshold must be between 0 and 1"),
+        (["--refine", "crf"], "invalid choice: 'crf'"),
+        (["stray"], "unexpected arguments: stray"),
+    ],
+)
+def test_predict_refuses_unknown_options_and_bad_values_by_name(
+    extra, message, run_dir, tmp_path, voc_folder, capsys
+):
+    image = sorted((voc_folder / "images").glob("*.jpg"))[0]
+    argv = [str(image), "--model", str(run_dir), "--classes", "cat", "--out", str(tmp_path / "o"), *extra]
+    code, _, err = _predict(argv, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_a_class_name_with_a_line_break_is_refused(run_dir, tmp_path, voc_folder, capsys):
+    image = sorted((voc_folder / "images").glob("*.jpg"))[0]
+    argv = [
+        str(image),
+        "--model",
+        str(run_dir),
+        "--classes",
+        "person,sky\nperson",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    code, _, err = _predict(argv, capsys)
+    assert code == 2 and "holds a line break" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    from fusioner.errors import FusionerError
+    from fusioner.predict import check_names
+
+    with pytest.raises(FusionerError, match="line break"):
+        check_names(["person", "sky\u2028tree"])  # the Python path too, any line separator
+
+
+def test_version_flag_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fusioner {version('fusioner')}"

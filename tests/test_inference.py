@@ -194,3 +194,151 @@ def test_a_split_without_unseen_names_reports_1_way_as_undefined_with_a_warning(
         )
     assert math.isnan(metrics["one_way"]["miou"]) and math.isnan(metrics["one_way"]["per_class"]["cow"])
     assert "no image of this split holds an unseen name (cow, sheep)" in caplog.text
+
+
+# -- the Python API takes what users have (issue 22 item 2) ------------------------------------------
+def _photo(voc_folder):
+    from PIL import Image
+
+    path = sorted((voc_folder / "images").glob("*.jpg"))[0]
+    with Image.open(path) as im:
+        return path, im.convert("RGB")
+
+
+def test_predict_takes_pil_images_arrays_paths_tensors_and_lists_and_names_as_one_string(
+    voc_folder, tmp_path
+):
+    import numpy as np
+
+    model = _model(voc_folder, tmp_path)
+    path, pil = _photo(voc_folder)
+    array = np.asarray(pil)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+    expected = model.predict(tensor, ["cat", "dog"])
+    assert expected.shape == (pil.height, pil.width)
+    for given in (pil, array, path, str(path)):
+        torch.testing.assert_close(model.predict(given, "cat, dog"), expected, rtol=0, atol=0)
+    listed = model.predict([pil, array[:40, :30]], ("cat", "dog"))
+    assert isinstance(listed, list) and [tuple(x.shape) for x in listed] == [tuple(expected.shape), (40, 30)]
+    torch.testing.assert_close(listed[0], expected, rtol=0, atol=0)
+    assert model.predict(np.stack([array, array]), "cat,dog").shape == (2, *expected.shape)
+
+
+@pytest.mark.parametrize(
+    ("images", "names", "kwargs", "message"),
+    [
+        (object(), "cat", {}, "expected a PIL image, an 'h w 3' uint8 array, a file path or a float tensor"),
+        ("no/such/photo.jpg", "cat", {}, "image file no/such/photo.jpg does not exist"),
+        (None, " , ", {}, "names is empty"),
+        (None, "cat, cat", {}, "duplicate names: cat"),
+        (None, 123, {}, "expected a list of names or one comma-separated string, got int"),
+        (None, "cat", {"threshold": "abc"}, "threshold must be a number, got 'abc'"),
+        (None, "cat", {"threshold": 1.5}, "threshold must be between 0 and 1"),
+        (None, "cat", {"seen_bias": float("nan"), "seen": ["cat"]}, "seen_bias must be a finite number"),
+        (None, "cat", {"seen_bias": 1.0}, "seen_bias needs the names seen in training"),
+        (None, "cat", {"mode": "best"}, "mode must be one of best-name, one-name"),
+    ],
+)
+def test_predict_refuses_bad_arguments_with_one_line(voc_folder, tmp_path, images, names, kwargs, message):
+    model = _model(voc_folder, tmp_path)
+    images = torch.rand(3, 20, 20) if images is None else images
+    with pytest.raises(FusionerError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        model.predict(images, names, **kwargs)
+
+
+def test_predict_threshold_mode_and_seen_bias_are_arguments(voc_folder, tmp_path):
+    model = _model(voc_folder, tmp_path)
+    image = torch.rand(3, 48, 64)
+    names = ["cat", "dog", "grass"]
+    logits = model.logits(image, names)
+    probability = logits.sigmoid()
+    for threshold in (0.2, 0.5, 0.8):
+        labels = model.predict(image, "cat, dog, grass", threshold=threshold)
+        assert torch.equal(labels > 0, probability.max(0).values >= threshold)
+        masks = model.predict(image, names, threshold=threshold, mode="one-name")
+        assert masks.dtype == torch.bool and torch.equal(masks, probability >= threshold)
+    # seen_bias: subtracted from the seen names' logits before the decision
+    biased = model.predict(image, names, threshold=0.5, seen_bias=100.0, seen=["cat", "dog"])
+    assert set(biased.unique().tolist()) <= {0, 3}
+    assert torch.equal(biased == 3, probability[2] >= 0.5)
+    # the pre-existing spelling mode="sliding" still means the inference mode
+    assert torch.equal(
+        model.predict(image, names, mode="sliding"), model.predict(image, names, inference="sliding")
+    )
+
+
+# -- one image reader (issue 21 items 9, 10) ---------------------------------------------------------
+def _png16(path, values):
+    """A 16-bit RGB PNG written by hand (Pillow writes no 48-bit PNG)."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    h, w, _ = values.shape
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+    assert np.asarray is not None
+
+
+def test_16_bit_pngs_are_scaled_by_their_depth_not_clipped_to_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fusioner.data.base import read_image
+
+    ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    grey = read_image(tmp_path / "grey16.png")
+    expected = torch.from_numpy(ramp.astype(np.float32) / 65535)
+    torch.testing.assert_close(grey[0], expected, atol=1 / 255, rtol=0)  # 8-bit steps
+    assert (grey >= 0.999).float().mean() < 0.01  # not white
+    colour = np.stack([ramp, 65535 - ramp, ramp // 2], axis=-1)
+    _png16(tmp_path / "rgb16.png", colour)
+    rgb = read_image(tmp_path / "rgb16.png")
+    torch.testing.assert_close(
+        rgb, torch.from_numpy(colour.astype(np.float32) / 65535).permute(2, 0, 1), atol=1 / 255, rtol=0
+    )
+
+
+def test_exif_orientation_is_applied_by_predict_and_training_data(voc_folder, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fusioner.data.base import read_image
+
+    pixels = (np.arange(30 * 20 * 3) % 251).reshape(30, 20, 3).astype(np.uint8)  # 30 high, 20 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": viewers show it 20 high, 30 wide
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=100)
+    with Image.open(tmp_path / "phone.jpg") as im:
+        upright = np.asarray(ImageOps_exif(im))
+    assert upright.shape == (20, 30, 3)
+    image = read_image(tmp_path / "phone.jpg")
+    assert tuple(image.shape) == (3, 20, 30)
+    model = _model(voc_folder, tmp_path)
+    assert model.predict(tmp_path / "phone.jpg", "cat").shape == (20, 30)
+    with Image.open(tmp_path / "phone.jpg") as im:
+        assert model.predict(im, "cat").shape == (20, 30)
+
+
+def ImageOps_exif(im):
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im)

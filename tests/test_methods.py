@@ -16,7 +16,6 @@ from fusioner.inference import image_logits
 from fusioner.methods import METHODS, build_refiner
 from fusioner.methods.pseudo_labels import global_contrastive, kmeans_pseudo_labels
 from fusioner.methods.spectral import SpectralRefiner, blend, segment_map, spectral_segments
-from fusioner.methods.zegformer import pixels_from_segments, pool_segments, segment_scores
 from fusioner.model import FusionerModel
 
 
@@ -112,7 +111,7 @@ def test_deep_prompts_change_the_output_and_leave_the_backbone_bit_identical():
     assert any(p is model.head.prompts for p in trained)
     optimizer = torch.optim.SGD(trained, lr=1.0)
     before = model.head.prompts.detach().clone()
-    model.head(out.tokens, out.grid, model.text(["cat", "dog"])).sum().backward()
+    model.head(out.tokens, out.grid, model.text(["cat", "dog"]), cls=out.cls).sum().backward()
     optimizer.step()
     assert model.head.prompts.grad is not None and not torch.equal(model.head.prompts, before)
     for key, value in model.vision.inner.state_dict().items():
@@ -150,27 +149,13 @@ def test_zegclip_masks_are_independent_of_the_other_names_asked():
 
 
 # -- (c) ZegFormer ------------------------------------------------------------------------------
-def test_the_segment_classifier_names_a_segment_whose_pooled_embedding_is_a_names():
-    names = torch.nn.functional.normalize(
-        torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(0)), dim=-1
-    )
-    patches = torch.cat([names[:, 3:4].expand(1, 6, 8), names[:, 1:2].expand(1, 4, 8)], dim=1)  # b n d
-    assign = torch.zeros(1, 2, 10)
-    assign[0, 0, :6], assign[0, 1, 6:] = 1, 1
-    segments = pool_segments(assign, patches)
-    scores = segment_scores(segments, names, 1 / 0.07)
-    assert scores.argmax(-1).tolist() == [[3, 1]]
-    pixels = pixels_from_segments(assign, scores)  # b k n
-    assert pixels.argmax(1)[0].tolist() == [3] * 6 + [1] * 4
-
-
 @pytest.mark.parametrize("grouping", ["queries", "spectral"])
 def test_zegformer_groups_and_trains_its_queries_without_names(grouping):
     config = load_config(None, method="zegformer", preset="tiny", image_size=64, zegformer_grouping=grouping)
     model = FusionerModel.from_config(config)
     tokens, grid = torch.randn(2, 16, model.vision.embed_dim), (4, 4)
-    logits, aux = model.head(tokens, grid, model.text(["cat", "dog"]), return_aux=True)
-    assert logits.shape == (2, 2, 16, 16) and torch.isfinite(logits).all()
+    logits, aux = model.head(tokens, grid, model.text(["cat", "dog", "cow"]), return_aux=True)
+    assert logits.shape == (2, 3, 16, 16) and torch.isfinite(logits).all()
     target = torch.zeros(2, 16, 16, dtype=torch.long)
     target[:, :8] = 3
     loss = model.head.aux_loss(aux, target)
@@ -200,9 +185,8 @@ def test_global_term_prefers_each_image_its_own_cls():
     assert global_contrastive(cls.clone(), cls) < global_contrastive(cls.roll(1, 0), cls)
 
 
-def test_global_loss_refuses_the_cache_and_backbones_without_cls(voc_folder, tmp_path):
-    with pytest.raises(ConfigError, match="global_loss_weight.*CLS token.*use_cache=false"):
-        load_config(None, global_loss_weight=0.1)
+def test_global_loss_refuses_backbones_without_cls(voc_folder, tmp_path):
+    load_config(None, global_loss_weight=0.1)  # the cache stores each image's CLS token (format 3)
     config = _train_config(voc_folder, tmp_path, "fusioner", global_loss_weight=0.1, use_cache=False)
     from fusioner.engine.train import train
 
@@ -298,7 +282,7 @@ def test_a_killed_run_with_an_objective_resumes_to_the_same_weights(voc_folder, 
     from fusioner.methods import objective as objective_module
 
     extra = {"pseudo_labels": "kmeans", "max_steps": 4, "checkpoint_every": 2}
-    uninterrupted = train(_train_config(voc_folder, tmp_path / "a", "zegformer", **extra))
+    uninterrupted = train(_train_config(voc_folder, tmp_path / "a", "fusioner", **extra))
     real_loss, calls = objective_module.mask_loss, {"n": 0}
 
     def dies_late(*args, **kwargs):
@@ -308,7 +292,7 @@ def test_a_killed_run_with_an_objective_resumes_to_the_same_weights(voc_folder, 
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(objective_module, "mask_loss", dies_late)
-    config = _train_config(voc_folder, tmp_path / "b", "zegformer", **extra)
+    config = _train_config(voc_folder, tmp_path / "b", "fusioner", **extra)
     with pytest.raises(KeyboardInterrupt):
         train(config)
     monkeypatch.setattr(objective_module, "mask_loss", real_loss)

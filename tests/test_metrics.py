@@ -8,7 +8,8 @@ import pytest
 import torch
 from torchmetrics.classification import BinaryJaccardIndex, MulticlassJaccardIndex
 
-from fusioner.engine.metrics import GZSSMeter, OneWayMeter
+from fusioner.engine.metrics import GZSS_PROTOCOLS, GZSSMeter, OneWayMeter, one_way_foreground
+from fusioner.run import Metrics
 
 
 def b(*values: int) -> torch.Tensor:
@@ -43,7 +44,18 @@ def test_one_way_accumulates_over_the_test_set():
     meter.update("cat", pred=b(1, 0, 0, 0), target=b(0, 0, 0, 0))  # fg 0/1
     # Summed counts give 3/4; a mean of per-pair IoUs would give 1/2.
     assert meter.compute()["miou"] == pytest.approx(0.75)
-    assert meter.pairs.tolist() == [2]
+    assert meter.pairs.tolist() == [2] and meter.compute()["episodes"] == {"cat": 2}
+
+
+def test_one_way_foreground_is_strictly_above_the_threshold():
+    # The released code: a logit of exactly 0 is background. Decided on logits: sigmoid(+-1e-9)
+    # rounds to exactly 0.5, so a rule on sigmoid outputs would call all three foreground.
+    logits = torch.tensor([0.0, 1e-9, -1e-9, 2.0, -2.0])
+    assert one_way_foreground(logits, 0.5).tolist() == [False, True, False, True, False]
+    at = math.log(0.8 / 0.2)  # the logit of the threshold itself is background too
+    assert one_way_foreground(torch.tensor([at, at + 1e-3]), 0.8).tolist() == [False, True]
+    with pytest.raises(ValueError, match="threshold 1.0"):
+        one_way_foreground(logits, 1.0)
 
 
 def test_one_way_means_over_the_given_classes():
@@ -120,6 +132,52 @@ def test_gzss_hand_computed():
     assert out["miou_unseen"] == pytest.approx(1 / 3)
     assert out["hiou"] == pytest.approx(14 / 33)  # 2 * 7/12 * 1/3 / (7/12 + 1/3)
     assert out["miou"] == pytest.approx(0.5)  # the three names
+
+
+def test_gzss_zegclip_voc_ignores_target_background():
+    meter = GZSSMeter(NAMES, unseen={"car"}, protocol="zegclip_voc")
+    meter.update(*hand_case())
+    out = meter.compute()
+    # Target-background pixels 0, 1 leave every count: pixel 1's "cat" is no false positive, so cat
+    # is 2/2; pixel 7 (car predicted background) is still a miss of car: car 1 / (2 + 2 - 1).
+    assert out["protocol"] == "zegclip_voc"
+    assert math.isnan(out["per_class"]["background"]) and list(out["per_class"])[0] == "background"
+    assert [out["per_class"][n] for n in NAMES] == pytest.approx([1.0, 1 / 2, 1 / 3])
+    assert out["miou_seen"] == pytest.approx(3 / 4) and out["miou_unseen"] == pytest.approx(1 / 3)
+    assert out["hiou"] == pytest.approx(2 * 3 / 4 * 1 / 3 / (3 / 4 + 1 / 3))
+    # The same confusion matrix gives the other protocol: every protocol is in report().
+    report = meter.report()
+    assert set(report["protocols"]) == set(GZSS_PROTOCOLS) and report["hiou"] == out["hiou"]
+    assert report["protocols"]["background_as_class"]["hiou"] == pytest.approx(14 / 33)
+
+
+def test_gzss_protocols_differ_where_background_is_predicted():
+    target = torch.tensor([0, 0, 0, 1, 1, 2])
+    names_everywhere = torch.tensor([1, 1, 2, 1, 1, 2])  # never predicts background
+    background_everywhere = torch.zeros(6, dtype=torch.long)
+    meter = GZSSMeter(["cat", "dog"], unseen={"dog"})
+    meter.update(names_everywhere, target)
+    zeg, bg = meter.compute("zegclip_voc"), meter.compute("background_as_class")
+    assert zeg["miou_seen"] == 1.0 and zeg["miou_unseen"] == 1.0  # no cost for painting background
+    assert bg["per_class"]["cat"] == pytest.approx(2 / 4) and bg["per_class"]["dog"] == pytest.approx(1 / 2)
+    meter.reset()
+    meter.update(background_everywhere, target)
+    assert meter.compute("zegclip_voc")["per_class"]["cat"] == 0.0  # a predicted background is a miss
+    with pytest.raises(
+        ValueError, match="GZSS protocol 'voc' is not one of zegclip_voc, background_as_class"
+    ):
+        meter.compute("voc")
+
+
+def test_eval_line_names_each_gzss_protocol():
+    meter = GZSSMeter(NAMES, unseen={"car"}, protocol="zegclip_voc")
+    meter.update(*hand_case())
+    one_way = {"miou": 0.5, "fbiou": 0.6}
+    line = Metrics({"one_way": one_way, "gzss": meter.report()}).line()
+    zeg, bg = meter.compute("zegclip_voc"), meter.compute("background_as_class")
+    assert f"GZSS [zegclip_voc] seen {zeg['miou_seen']:.4f} unseen {zeg['miou_unseen']:.4f}" in line
+    assert f"; [background_as_class] seen {bg['miou_seen']:.4f}" in line
+    assert line.index("[zegclip_voc]") < line.index("[background_as_class]")  # the headline's first
 
 
 def test_gzss_ignore_pixels_change_nothing():

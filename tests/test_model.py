@@ -58,7 +58,7 @@ def test_fusion_mask_lets_names_read_patches_and_themselves_only():
 
 
 def test_mask_loss_ignores_void_and_balances_present_masks():
-    from fusioner.engine.losses import mask_loss
+    from fusioner.model.losses import mask_loss
 
     targets = torch.zeros(1, 2, 4, 4)
     targets[0, 0, :2, :2] = 1  # class 0 present on 4 pixels, class 1 absent
@@ -80,7 +80,7 @@ def test_mask_loss_ignores_void_and_balances_present_masks():
 
 
 def test_rank_loss_prefers_the_right_name_over_a_close_one():
-    from fusioner.engine.losses import rank_loss
+    from fusioner.model.losses import rank_loss
 
     targets = torch.zeros(1, 2, 2, 2)
     targets[0, 0, 0] = 1  # top row: name 0; bottom row: background
@@ -99,7 +99,7 @@ def test_rank_loss_prefers_the_right_name_over_a_close_one():
 
 
 def test_hard_negatives_put_the_closest_absent_names_first():
-    from fusioner.engine.train import TrainView
+    from fusioner.engine.train_data import TrainView
 
     class Source:
         cached = True

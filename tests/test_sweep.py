@@ -81,7 +81,7 @@ def test_the_shipped_sweeps_expand(tmp_path):
     assert len(paper.runs) == 24
     pairs = {(r.config.vision, r.config.text, r.config.templates) for r in paper.runs}
     assert pairs == {(v, t, tpl) for v in ("dino_vitb16", "mocov3_vitb16", "clip_vitb16")
-                     for t, tpl in (("bert_base", "photo"), ("clip_vitb16_text", "clip"))}  # fmt: skip
+                     for t, tpl in (("bert_base", "photo"), ("clip_vitb16_text", "fusioner"))}  # fmt: skip
     assert sorted({r.config.fold for r in paper.runs}) == [0, 1, 2, 3]
     assert {r.config.dataset for r in paper.runs} == {"pascal5i"}
     offline = load_sweep(CONFIGS / "offline.yaml")

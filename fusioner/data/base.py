@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from fusioner.errors import DataError
+from fusioner.inputs import read_image as _read_pixels
 
 IGNORE = 255
 
@@ -90,15 +91,12 @@ def files_fingerprint(paths: Iterable[str | os.PathLike[str]], extra: str = "") 
 
 
 def read_image(path) -> Tensor:
-    """RGB image file -> float32 ``3 h w`` in [0, 1]; unreadable files raise DataError naming the path."""
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"image file {path} does not exist") from None
-    except Exception as e:  # PIL raises several unrelated types for broken files
-        raise DataError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+    """RGB image file -> float32 ``3 h w`` in [0, 1]; unreadable files raise DataError naming the path.
+
+    The one reader of fusioner.inputs: EXIF orientation applied, 16-bit images scaled by their depth,
+    as in ``fusioner predict`` and the demo.
+    """
+    return _read_pixels(path)
 
 
 def read_mask(path) -> Tensor:

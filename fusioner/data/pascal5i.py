@@ -140,7 +140,9 @@ def pascal5i_split(
         train = training_subset(train, seen, unseen, drop_unseen_images=drop_unseen_images)
     elif drop_unseen_images:  # HSNet's lists already hold only images with seen classes
         train = drop_images_with(train, unseen)
-    return Split(train=train, val=PascalVOC(root, "val", val_list), seen=seen, unseen=unseen)
+    val = PascalVOC(root, "val", val_list)
+    # GZSS as ZegCLIP evaluates VOC (target background ignored), the published figures' protocol.
+    return Split(train=train, val=val, seen=seen, unseen=unseen, gzss_protocol="zegclip_voc")
 
 
 @register_dataset("pascal5i", num_folds=NUM_FOLDS)

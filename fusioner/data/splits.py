@@ -13,7 +13,8 @@ Image rules, shared by every list-backed dataset (:class:`ListDataset`):
   also drops every image that shows a held-out class at all;
 * evaluation keeps every image of the split; :meth:`ListDataset.pairs` gives the (image, class)
   pairs of the one-way protocol: every class of interest present in the mask, or exactly the
-  pairs of an HSNet list file when the dataset was built from one.
+  pairs of an HSNet list file when the dataset was built from one (one line, one episode, as
+  HSNet, LSeg and the released Fusioner code score them; fusioner/engine/evaluate.py).
 
 HSNet list files are read here too: PASCAL ``name__classid`` text files and COCO JSON files
 mapping a class index 0-79 to image paths.
@@ -74,6 +75,13 @@ class Split:
     unseen: list[str]  # held-out names (the fold's classes for PASCAL-5i / COCO-20i)
     test: SegDataset | None = None  # the reported split, where the dataset has one apart from val
     name: str = "this dataset"  # for messages
+    # Which GZSS protocol (fusioner/engine/metrics.py GZSS_PROTOCOLS) heads metrics.json and picks
+    # the calibration; every protocol is reported either way. PASCAL-5i and COCO-20i use ZegCLIP's
+    # (their figures go next to published tables). The default, for folder datasets and everything
+    # else, counts background: a user's own data labels its background on purpose (it is what the
+    # application must leave unlabelled), and a name painted over it is a real error there; under
+    # ZegCLIP's protocol a model that never predicts background would lose nothing for it.
+    gzss_protocol: str = "background_as_class"
 
     def __post_init__(self) -> None:
         overlap = set(self.seen) & set(self.unseen)

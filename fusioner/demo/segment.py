@@ -7,24 +7,25 @@ The page (fusioner/demo/app.py) only turns controls into a :class:`Settings` and
 from __future__ import annotations
 
 import html
+import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image
 
+from fusioner.calibration import Calibration, read_calibration  # noqa: F401 (app.py and tests import it here)
+from fusioner.decide import refiner_as, refiner_name  # noqa: F401 (app.py imports refiner_name here)
 from fusioner.errors import FusionerError
+from fusioner.inputs import check_name
+from fusioner.io import atomic_save_png
 from fusioner.inference import MODES, labels_from_logits
-from fusioner.methods import REFINERS, build_refiner
 from fusioner.model import FusionerModel
 from fusioner.predict import MAX_NAMES
-from fusioner.run import RunDir
-from fusioner.visualize import overlay, palette
+from fusioner.visualize import colour_labels, overlay, palette
 
 # Phone photos are 12 Mpx: the head sees image_size pixels anyway, and full-size logits, overlays and
 # heat maps would only slow the page down.
@@ -42,14 +43,6 @@ class Settings:
     refine: str = ""  # a name of fusioner.methods.REFINERS; "" = the model's own (as trained)
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """GZSS calibration of a run: the names the head was trained on and the ``seen_bias`` chosen on val."""
-
-    seen: frozenset[str]
-    seen_bias: float
-
-
 @dataclass
 class Segmentation:
     """One request's result. ``labels`` ``h w`` (0 = background, i = names[i - 1]); ``probabilities``
@@ -63,7 +56,19 @@ class Segmentation:
     seconds: float
 
     def overlay(self) -> Image.Image:
-        return overlay(self.picture, self.labels.astype(np.int64), self.names)
+        """The photo with each found name's colour and its name written on its region; the page shows
+        the legend once, as text beside it (:meth:`legend_html`), so none is drawn into the picture."""
+        return overlay(
+            self.picture, self.labels.astype(np.int64), self.names, with_legend=False, label_segments=True
+        )
+
+    def label_picture(self) -> Image.Image:
+        """The label map in the legend's colours (its raw values 0..k would show as near-black grey)."""
+        return colour_labels(self.labels, len(self.names))
+
+    def save_raw_labels(self, path: Path) -> Path:
+        """The raw label map (pixel value i = names[i - 1], 0 = background) as an 8-bit PNG."""
+        return atomic_save_png(path, Image.fromarray(self.labels))
 
     def shares(self) -> list[list[str | float | None]]:
         """Rows ``[name, % of pixels, highest probability]``: background first, then each name."""
@@ -118,7 +123,9 @@ class Segmentation:
 
 def parse_names(text: str | None) -> list[str]:
     """``"cat, dog,grass"`` -> ``["cat", "dog", "grass"]``; refuses none, duplicates and too many."""
-    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    if text is not None and not isinstance(text, str):  # API clients may send anything
+        raise FusionerError(f"names must be text, e.g. 'skin, hair, jeans'; got {type(text).__name__}")
+    names = [check_name(n, "names") for n in (text or "").split(",") if n.strip()]
     if not names:
         raise FusionerError("type at least one name, e.g. 'skin, hair, jeans'")
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -129,31 +136,6 @@ def parse_names(text: str | None) -> list[str]:
     return names
 
 
-def read_calibration(source: str | Path | None) -> Calibration | None:
-    """The run's seen names and chosen ``seen_bias``, from its ``metrics.json``; None where unknown.
-
-    ``fusioner eval`` writes ``gzss.per_class`` (background, then every name) and ``one_way.per_class``
-    (the unseen names): the seen names are the difference. A Hub model carries no metrics.json.
-    """
-    if source is None:
-        return None
-    path = Path(source)
-    for run in (RunDir(path), RunDir(path.parent)):  # a run directory, or its model/ folder
-        if not run.metrics.is_file():
-            continue
-        try:
-            metrics = run.read_metrics()
-        except FusionerError:
-            return None
-        calibrated, gzss = metrics.gzss_calibrated, metrics.gzss
-        if not calibrated or not gzss or "seen_bias" not in calibrated:
-            return None
-        everything = list(gzss.get("per_class") or {})[1:]  # the first entry is the background
-        seen = frozenset(everything) - set(metrics.one_way.get("per_class") or {})
-        return Calibration(seen, float(calibrated["seen_bias"])) if seen else None
-    return None
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """Any PIL image -> ``3 h w`` float in [0, 1], its longer side at most MAX_SIDE."""
     image = image.convert("RGB")
@@ -161,32 +143,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
         image = image.copy()
         image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
-
-
-def refiner_name(model: FusionerModel) -> str:
-    """The name of the refiner the model was saved with (``none`` when it has none)."""
-    return model.refiner.record()["refine"] if model.refiner is not None else "none"
-
-
-@contextmanager
-def refiner_as(model: FusionerModel, name: str) -> Iterator[None]:
-    """Run with refiner ``name`` (its default settings) in place of the model's own; "" keeps the model's.
-
-    Refinement is training-free (fusioner/methods/spectral.py), so any model can be asked with or
-    without it. The swap is undone on exit; the page runs one request at a time (Gradio's default
-    concurrency of 1 per event), so no other request sees it.
-    """
-    if name and name not in REFINERS:
-        raise FusionerError(f"refinement must be one of {', '.join(REFINERS)}, got {name!r}")
-    if not name or name == refiner_name(model):
-        yield
-        return
-    own = model.refiner
-    model.refiner = build_refiner({"refine": name})
-    try:
-        yield
-    finally:
-        model.refiner = own
 
 
 @torch.no_grad()
@@ -202,6 +158,8 @@ def segment(
         raise FusionerError(f"inference mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
     if not 0 < settings.threshold < 1:
         raise FusionerError(f"threshold must be between 0 and 1, got {settings.threshold}")
+    if not math.isfinite(settings.seen_bias):  # NaN would silently make every pixel background
+        raise FusionerError(f"seen_bias must be a finite number, got {settings.seen_bias}")
     start = time.perf_counter()
     pixels = to_tensor(image)
     device = next(model.head.parameters()).device
@@ -220,3 +178,16 @@ def segment(
         seen=seen,
         seconds=time.perf_counter() - start,
     )
+
+
+# The benchmark vocabularies the package ships (fusioner/data/ov/names), offered as presets.
+PRESETS = {"VOC-20": "voc20", "PC-59": "pc59", "ADE-150": "ade150", "COCO-Stuff-171": "cocostuff171"}
+
+
+def preset_names(label: str) -> str:
+    """A preset's names as the names box holds them: ``"aeroplane, bicycle, ..."``."""
+    from fusioner.data.ov.base import read_names  # the dataset package: imported when a preset is asked
+
+    if label not in PRESETS:
+        raise FusionerError(f"vocabulary preset must be one of {', '.join(PRESETS)}, got {label!r}")
+    return ", ".join(read_names(PRESETS[label]))

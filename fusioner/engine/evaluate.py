@@ -3,11 +3,21 @@
 For every image the model scores every name of the vocabulary once. Both fusion rules score a
 name independently of the others asked with it, so one pass gives every protocol:
 
-- ``one_way`` (HSNet): each unseen name present in an image, queried alone, binary fg / bg;
-- ``one_way_seen``: the same for the seen names;
+- ``one_way`` (HSNet): unseen names queried alone, binary fg / bg, one episode per (image, name)
+  pair: the split list's pairs when the dataset was built from one (PASCAL-5i / COCO-20i with
+  HSNet's lists: one list line, one episode; an image holding two fold classes but listed once is
+  scored once, for its listed class), else every unseen name present in an image. HSNet's
+  conventions (fusioner/engine/metrics.py): a logit exactly at the threshold is background, and a
+  fold class with no episode stays in the mean at IoU 0;
+- ``one_way_seen``: every seen name present in an image, the same way;
 - ``gzss`` (ZegFormer / ZegCLIP): every seen and unseen name in one pass, mIoU on seen, on unseen,
-  hIoU; ``gzss_calibrated``: the same with ``seen_bias`` subtracted from the seen names' logits
-  (calibrated stacking), the bias chosen on another split by :func:`choose_seen_bias`;
+  hIoU, under each of ``GZSS_PROTOCOLS`` (``protocols``: ``zegclip_voc``, target background
+  ignored, ZegCLIP's published VOC figures; ``background_as_class``, background pixels count);
+  the top-level figures are the dataset's default protocol, named in ``protocol`` (ZegCLIP's for
+  PASCAL-5i / COCO-20i, background as a class for folder datasets: ``Split.gzss_protocol``);
+  ``gzss_calibrated``: the same with ``seen_bias`` subtracted from the seen names' logits
+  (calibrated stacking), the bias chosen on another split by :func:`choose_seen_bias` for the
+  default protocol's hIoU;
 - ``n_way`` (evaluation-only sets such as Mosaic-4, where nothing is "seen"): the sample's own
   names in one pass (4-way on Mosaic-4).
 """
@@ -25,11 +35,12 @@ from tqdm.auto import tqdm
 
 from fusioner.data.base import IGNORE, SegDataset
 from fusioner.data.ov import OVDataset
+from fusioner.data.splits import ListDataset
 from fusioner.engine.cache import FeatureCache
-from fusioner.engine.metrics import GZSSMeter, OneWayMeter
+from fusioner.engine.metrics import GZSSMeter, OneWayMeter, check_gzss_protocol, one_way_foreground
 from fusioner.errors import ConfigError
+from fusioner.eval_output import metrics_target, write_metrics
 from fusioner.inference import image_logits, labels_from_logits
-from fusioner.io import atomic_write_json
 from fusioner.model import FusionerModel
 from fusioner.run import RunDir
 
@@ -69,14 +80,27 @@ class _Scorer:
         self.text = model.text(names).to(self.device)  # v ct
 
     def __call__(self, sample, rows: list[int] | None = None) -> Tensor:
-        tokens = None
+        tokens = cls = None
         if self.cache is not None and self.settings.mode == "fixed" and sample["id"] in self.cache:
-            tokens = self.cache.read(sample["id"]).tokens.to(self.device)
+            item = self.cache.read(sample["id"])
+            tokens = item.tokens.to(self.device)
+            cls = item.cls.to(self.device) if item.cls is not None else None
         text = self.text if rows is None else self.text[rows]
         image = sample["image"].to(self.device)
         return image_logits(
-            self.model, image, text, size=self.settings.image_size, mode=self.settings.mode, tokens=tokens
+            self.model, image, text, size=self.settings.image_size, mode=self.settings.mode, tokens=tokens, cls=cls
         )
+
+
+def _listed_episodes(dataset: SegDataset, names: list[str]) -> dict[int, list[str]] | None:
+    """HSNet's 1-way episodes by image index: the split list's (image, name) lines for ``names``,
+    one entry per line, in file order; None when the dataset was not built from a list."""
+    if not isinstance(dataset, ListDataset) or dataset.listed_pairs is None:
+        return None
+    episodes: dict[int, list[str]] = {}
+    for index, name in dataset.pairs(names):
+        episodes.setdefault(index, []).append(name)
+    return episodes
 
 
 def _refuse_ov(dataset: SegDataset) -> None:
@@ -100,13 +124,16 @@ def evaluate(
     settings: EvalSettings,
     cache: FeatureCache | None = None,
     seen_bias: float | None = None,
+    gzss_protocol: str = "background_as_class",
     progress: bool = True,
 ) -> dict:
     """Every protocol of the module docstring on ``dataset``; ``seen_bias`` adds ``gzss_calibrated``.
 
     Returns ``{"one_way", "one_way_seen", "gzss" [, "gzss_calibrated"]}`` with seen names, else
-    ``{"one_way", "n_way"}``.
+    ``{"one_way", "n_way"}``. ``gzss_protocol`` (one of ``GZSS_PROTOCOLS``) is the protocol of the
+    top-level GZSS figures; every protocol's are under ``gzss["protocols"]``.
     """
+    check_gzss_protocol(gzss_protocol)
     _refuse_ov(dataset)
     model.eval()
     names = list(seen) + list(unseen)
@@ -115,8 +142,13 @@ def evaluate(
     device = score.device
     is_seen = torch.tensor([n in set(seen) for n in names], device=device)
     one_way, one_way_seen = OneWayMeter(list(unseen)), OneWayMeter(list(seen))
-    multi = GZSSMeter(names, set(unseen), ignore_index=-1)
-    calibrated = GZSSMeter(names, set(unseen), ignore_index=-1) if seen_bias is not None else None
+    multi = GZSSMeter(names, set(unseen), ignore_index=-1, protocol=gzss_protocol)
+    calibrated = (
+        GZSSMeter(names, set(unseen), ignore_index=-1, protocol=gzss_protocol)
+        if seen_bias is not None
+        else None
+    )
+    episodes = _listed_episodes(dataset, list(unseen)) if seen else None
 
     for i in tqdm(range(len(dataset)), desc="evaluating", unit="img", disable=not progress):
         sample = dataset[i]
@@ -127,7 +159,7 @@ def evaluate(
             logits = score(sample, [index[n] for n in own])  # k H W: the sample's own names
             present = [n for n in own if (target == index[n] + 1).any()]
             for name in present:
-                pred = logits[own.index(name)].float().sigmoid() >= settings.threshold
+                pred = one_way_foreground(logits[own.index(name)], settings.threshold)
                 one_way.update(name, pred, target == index[name] + 1, valid)
             local = labels_from_logits(logits[None], settings.threshold)[0]
             multi.update(torch.tensor([0] + [index[n] + 1 for n in own], device=device)[local], target)
@@ -136,9 +168,14 @@ def evaluate(
         for name in dict.fromkeys(sample["names"]):
             if name not in index or not (target == index[name] + 1).any():
                 continue
+            if episodes is not None and name in one_way.class_names:
+                continue  # the split list decides the unseen names' episodes (below)
             meter = one_way if name in one_way.class_names else one_way_seen
-            pred = logits[index[name]].float().sigmoid() >= settings.threshold
+            pred = one_way_foreground(logits[index[name]], settings.threshold)
             meter.update(name, pred, target == index[name] + 1, valid)
+        for name in (episodes or {}).get(i, ()):  # one list line, one episode (present or not)
+            pred = one_way_foreground(logits[index[name]], settings.threshold)
+            one_way.update(name, pred, target == index[name] + 1, valid)
         multi.update(labels_from_logits(logits[None], settings.threshold)[0], target)
         if calibrated is not None:
             labels = labels_from_logits(logits[None], settings.threshold, seen_bias=seen_bias, seen=is_seen)
@@ -150,10 +187,11 @@ def evaluate(
             ", ".join(unseen),
         )
     if not seen:
-        return {"one_way": one_way.compute(), "n_way": multi.compute()}
-    metrics = {"one_way": one_way.compute(), "one_way_seen": one_way_seen.compute(), "gzss": multi.compute()}
+        # n-way over each image's own names: nothing is held out, and background is a label there.
+        return {"one_way": one_way.compute(), "n_way": multi.compute("background_as_class")}
+    metrics = {"one_way": one_way.compute(), "one_way_seen": one_way_seen.compute(), "gzss": multi.report()}
     if calibrated is not None:
-        metrics["gzss_calibrated"] = {**calibrated.compute(), "seen_bias": seen_bias}
+        metrics["gzss_calibrated"] = {**calibrated.report(), "seen_bias": seen_bias}
     return metrics
 
 
@@ -166,9 +204,11 @@ def choose_seen_bias(
     unseen: list[str],
     settings: EvalSettings,
     cache: FeatureCache | None = None,
+    gzss_protocol: str = "background_as_class",
     progress: bool = True,
 ) -> tuple[float, dict[float, dict]]:
-    """The seen bias (logit units) of :data:`BIAS_GRID` with the best GZSS hIoU on ``dataset``.
+    """The seen bias (logit units) of :data:`BIAS_GRID` with the best GZSS hIoU (``gzss_protocol``'s)
+    on ``dataset``.
 
     Returns ``(bias, {bias: GZSS metrics at that bias})``. One pass: per pixel, the best seen and
     the best unseen logit decide the label for every candidate bias, so the grid costs one scoring.
@@ -179,7 +219,7 @@ def choose_seen_bias(
     score = _Scorer(model, names, settings, cache)
     scale = float(model.head.scale)
     biases = [round(c * scale, 4) for c in BIAS_GRID]
-    meters = [GZSSMeter(names, set(unseen), ignore_index=-1) for _ in biases]
+    meters = [GZSSMeter(names, set(unseen), ignore_index=-1, protocol=gzss_protocol) for _ in biases]
     floor = math.log(settings.threshold / (1 - settings.threshold))  # the logit of the threshold
     k = len(seen)
     for i in tqdm(range(len(dataset)), desc="choosing seen_bias", unit="img", disable=not progress):
@@ -193,7 +233,7 @@ def choose_seen_bias(
             best = torch.where(seen_wins, s_val - bias, u_val)
             label = torch.where(seen_wins, s_idx + 1, u_idx + k + 1)
             meter.update(torch.where(best >= floor, label, 0), target)
-    curve = {bias: meter.compute() for bias, meter in zip(biases, meters, strict=True)}
+    curve = {bias: meter.report() for bias, meter in zip(biases, meters, strict=True)}
     hiou = {b: -1.0 if math.isnan(m["hiou"]) else m["hiou"] for b, m in curve.items()}
     best_bias = max(hiou, key=lambda b: (hiou[b], -b))  # the smallest of equally good biases
     return best_bias, curve
@@ -219,6 +259,8 @@ def evaluate_model(
     elif config_path is None:  # a bare model (e.g. from the Hub): its own input size, data from overrides
         overrides = [f"image_size={model.image_size}", *overrides]
     config = load_config(config_path, overrides)
+    # Where the figures go (the run's metrics.json only under its own config), refused before any work.
+    target = metrics_target(model_source, config, out)
     if config.refine != "none" or "refine" in override_keys(overrides):
         # Refinement is training-free: `eval refine=spectral` applies it to any trained model.
         model.refiner = build_refiner(config)
@@ -242,6 +284,7 @@ def evaluate_model(
             unseen=split.unseen,
             settings=settings,
             cache=cache_for(split.val),
+            gzss_protocol=split.gzss_protocol,
         )
     metrics = evaluate(
         model,
@@ -251,6 +294,7 @@ def evaluate_model(
         settings=settings,
         cache=cache_for(dataset),
         seen_bias=bias,
+        gzss_protocol=split.gzss_protocol,
     )
     if bias is not None:
         metrics["gzss_calibrated"]["chosen_on"] = "val"
@@ -258,8 +302,4 @@ def evaluate_model(
     metrics["eval_split"] = config.eval_split
     metrics["model"] = str(model_source)
     metrics["config"] = config.to_dict()
-    target = Path(out) if out else RunDir(model_source if Path(model_source).is_dir() else ".").metrics
-    if target.suffix != ".json":
-        target = RunDir(target).metrics
-    atomic_write_json(target, metrics)
-    return target
+    return write_metrics(target, metrics)

@@ -9,17 +9,18 @@ N-th batch of that order, so the global batch is ``batch_size x processes x grad
 averages the processes' gradients, which makes N processes x ``batch_size`` the same update as one
 process with ``grad_accum`` N (``tests/test_ddp.py``). Only the main process writes the run
 directory; the feature cache is encoded by one process while the others wait on its lock.
+
+The examples and their order are fusioner/engine/train_data.py's, checkpoints
+fusioner/engine/checkpoint.py's; this module holds the loss of a batch and the loop.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,131 +28,21 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import DistributedType
 from accelerate.utils import set_seed
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from fusioner.config import Config, save_config
-from fusioner.data import Split, build_split
-from fusioner.data.augment import resolve_augmentations
-from fusioner.data.base import IGNORE, SegDataset
-from fusioner.data.transforms import resize
+from fusioner.data import Split, build_split, check_dataset
 from fusioner.engine import checkpoint
-from fusioner.engine.cache import FeatureCache, prepare_cache
-from fusioner.engine.losses import mask_loss, rank_loss, resize_labels
+from fusioner.engine.cache import prepare_cache
+from fusioner.engine.train_data import CachedSource, ImageSource, make_loader
 from fusioner.errors import FusionerError
 from fusioner.methods import build_objective
 from fusioner.model import FusionerModel
+from fusioner.model.losses import mask_loss, rank_loss, resize_labels
 from fusioner.run import RunDir
 
 log = logging.getLogger(__name__)
-
-
-# -- where a training example's pixels come from -------------------------------------------------
-class ImageSource:
-    """Decoded images resized to the training size: the backbone runs on every step."""
-
-    cached = False
-
-    def __init__(self, dataset: SegDataset, image_size: int) -> None:
-        self.dataset, self.image_size = dataset, image_size
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, tuple[str, ...]]:
-        s = resize(self.dataset[index], self.image_size)
-        return s["image"], s["mask"], tuple(s["names"])
-
-
-class CachedSource:
-    """Tokens ``gh gw c`` and masks read from the feature cache: the backbone never runs."""
-
-    cached = True
-
-    def __init__(self, cache: FeatureCache, ids: list[str]) -> None:
-        self.cache, self.ids = cache, ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, tuple[str, ...]]:
-        item = self.cache.read(self.ids[index])
-        return item.tokens, item.mask.long(), item.names
-
-
-# -- one training example --------------------------------------------------------------------------
-class TrainView(Dataset):
-    """Virtual index ``v`` -> the example ``v % n`` with its randomness drawn from ``(seed, v)``.
-
-    The mask is mapped to the seen vocabulary: 0 = background (unseen classes included: the
-    standard inductive setting, where held-out pixels are background), ``j + 1`` = ``seen[j]``,
-    -1 = ignore (int32 ``h w``).
-    """
-
-    def __init__(
-        self,
-        source,
-        seen: list[str],
-        *,
-        augment: Sequence[str],
-        seed: int,
-        similarity: Tensor | None = None,
-    ) -> None:
-        self.source, self.seed = source, seed
-        # v v cosine similarity of the seen names' embeddings: with it, the absent names closest
-        # to a present one come first (hard negatives), instead of in random order.
-        self.similarity = similarity
-        self.augmentations = resolve_augmentations(augment, cached=source.cached)
-        self.vocab = {name: j for j, name in enumerate(seen)}
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, v: int) -> dict[str, Any]:
-        x, mask, names = self.source[v % len(self.source)]
-        rng = np.random.default_rng([self.seed, v])
-        if self.source.cached:
-            # Cached tokens are laid out "gh gw c": put the grid last for the (geometric) augmentations.
-            x = x.permute(2, 0, 1)
-        for augmentation in self.augmentations:
-            x, mask = augmentation.apply(x, mask, rng)
-        if self.source.cached:
-            x = x.permute(1, 2, 0)
-        # Ignore is -1 here, not 255: with more than 254 seen names (the quickstart has ~900),
-        # seen[254] would read as ignore and every later name would never count as present.
-        # int32, not int64: half the bytes to gather, stack and ship.
-        lut = torch.zeros(256, dtype=torch.int32)
-        lut[IGNORE] = -1
-        for label, name in enumerate(names, start=1):
-            if name in self.vocab:
-                lut[label] = self.vocab[name] + 1
-        # index_select, not lut[mask]: the same gather, 7x faster on a CPU (0.11 vs 0.83 ms at 448x448).
-        target = lut.index_select(0, mask.clamp(0, 255).reshape(-1)).view(mask.shape)
-        # A histogram, not target.unique(): unique sorts every pixel (2.7 ms for 448x448 on one
-        # core, 0.1 ms this way), which was most of the cached data path.
-        counts = torch.bincount(target.view(-1).clamp(min=0), minlength=len(self.vocab) + 1)
-        present = counts[1 : len(self.vocab) + 1].nonzero().view(-1).tolist()
-        absent = rng.permutation(np.setdiff1d(np.arange(len(self.vocab)), present))
-        if self.similarity is not None and present and len(absent):
-            closeness = self.similarity[present][:, absent].max(0).values
-            absent = absent[closeness.argsort(descending=True, stable=True).numpy()]
-        return {"x": x, "target": target, "present": present, "absent": absent.tolist()}
-
-
-def make_collate(num_negatives: int, vocab_size: int):
-    def collate(items: list[dict[str, Any]]) -> dict[str, Tensor]:
-        k = min(max(len(it["present"]) for it in items) + num_negatives, vocab_size)
-        classes = [it["present"] + it["absent"][: k - len(it["present"])] for it in items]
-        return {
-            "x": torch.stack([it["x"] for it in items]),
-            "class_idx": torch.tensor(classes, dtype=torch.long),  # b k
-            # Labels only: the b k h w masks are expanded on the device (expand_targets), which
-            # costs nothing there and was 8 ms of every 448x448 batch of 8 here.
-            "target": torch.stack([it["target"] for it in items]),  # b h w
-        }
-
-    return collate
 
 
 def expand_targets(target: Tensor, class_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,36 +75,6 @@ def head_loss(
         answered = valid & ((target == 0) | targets.any(1).bool())  # the pixel's class was queried
         loss = loss + ce_weight * rank_loss(logits, targets, answered)
     return loss
-
-
-def make_loader(source, seen: list[str], config: Config, similarity: Tensor | None = None) -> DataLoader:
-    """The training DataLoader over ``source``: every epoch in its own seeded order."""
-    view = TrainView(source, seen, augment=config.augment, seed=config.seed, similarity=similarity)
-    return DataLoader(
-        view,
-        batch_size=config.batch_size,
-        sampler=EpochSampler(len(view), config.epochs, config.seed),
-        collate_fn=make_collate(config.num_negatives, len(seen)),
-        num_workers=config.num_workers,
-        drop_last=True,
-    )
-
-
-class EpochSampler(Sampler[int]):
-    """Virtual indices ``e * n + i`` for every epoch ``e``, each epoch in its own seeded order."""
-
-    def __init__(self, n: int, epochs: int, seed: int) -> None:
-        self.n, self.epochs, self.seed = n, epochs, seed
-
-    def __len__(self) -> int:
-        return self.n * self.epochs
-
-    def __iter__(self) -> Iterator[int]:
-        for epoch in range(self.epochs):
-            order = torch.randperm(
-                self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            )
-            yield from (order + epoch * self.n).tolist()
 
 
 def _cpu_only() -> bool:
@@ -256,7 +117,10 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
     once); ``resume`` continues from its newest intact checkpoint, refusing a config that differs in
     anything but runtime keys.
     """
-    run = RunDir(config.out_dir)
+    check_dataset(config)  # an unknown dataset or fold is refused before the run directory is touched
+    run = RunDir.for_training(config.out_dir)  # refuses "" and a folder that is not a run
+    # The data is found before anything is written: a wrong data_path leaves no config.yaml or run.lock.
+    split = split or build_split(config)
     main = process_state().is_main_process
     # Only the main process locks (and writes): the others of a multi-process launch train into the
     # same directory. They make the same checks on the same files, so all refuse together.
@@ -270,6 +134,8 @@ def train(config: Config, *, resume: bool = False, split: Split | None = None) -
             run.check_resumable(config, f"set them back, or train into another out_dir (not {run.path})")
             if not has_checkpoints:
                 log.warning("--resume: no checkpoint in %s, starting from scratch", run.checkpoints)
+        if not (resume and has_checkpoints):  # from step 0: an earlier training's results are stale
+            run.start_over(config_checked=resume, write=main)
         if main:
             save_config(config, run.config)
         return _train(config, run, has_checkpoints and resume, split)
@@ -338,7 +204,7 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
             f"{config.batch_size} and grad_accum={config.grad_accum}"
         )
     # Terms beyond the head's own loss (fusioner/methods/objective.py); None for the plain head.
-    objective = build_objective(config, model.head, model.vision, model.text.embed_dim)
+    objective = build_objective(config, model.head, model.vision, model.text.embed_dim, vocab)
     trained = [*model.head.parameters(), *(objective.parameters() if objective is not None else ())]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     if config.compile:
@@ -373,6 +239,7 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
                 cls = None
                 if source.cached:
                     tokens, grid = x.flatten(1, 2), (x.shape[1], x.shape[2])
+                    cls = batch["cls"].to(device).float() if batch["cls"] is not None else None
                 else:
                     out = model.vision(x)
                     tokens, grid, cls = out.tokens, out.grid, out.cls

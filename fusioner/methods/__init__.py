@@ -2,12 +2,13 @@
 
 ``method`` (registry :data:`METHODS`): ``fusioner`` (the default head, fusioner/model/head.py),
 ``zegclip`` (zegclip.py), ``zegformer`` (zegformer.py). ``refine`` (:data:`REFINERS`): ``none`` |
-``spectral`` (spectral.py), applied inside fusioner/inference.py. ``pseudo_labels``
+``spectral`` (spectral.py) | ``sazs`` (sazs.py: SAZS's eigen-mask swap), applied inside
+fusioner/inference.py. ``pseudo_labels``
 (:data:`PSEUDO_LABELS`): ``none`` | ``kmeans`` (pseudo_labels.py). Importing this package imports
 the implementations, whose registrations fill the tables.
 """
 
-from fusioner.methods import fusioner_head, pseudo_labels, spectral, zegclip, zegformer  # noqa: F401
+from fusioner.methods import fusioner_head, pseudo_labels, sazs, spectral, zegclip, zegformer  # noqa: F401
 from fusioner.methods.build import (
     attach_vision,
     build_head,

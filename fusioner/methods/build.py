@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from fusioner.config import register_check
 from fusioner.errors import ConfigError, FusionerError
 from fusioner.methods.registry import METHODS, PSEUDO_LABELS, REFINERS, method_of
 from fusioner.methods.zegformer import GROUPINGS
@@ -52,6 +53,7 @@ def build_refiner(settings: Any) -> Any:
     return REFINERS[name](values)
 
 
+@register_check
 def check_config(config: Any) -> None:
     """The method keys' own rules, run by ``Config.__post_init__`` before anything loads."""
     for key, allowed in (("method", METHODS), ("refine", REFINERS), ("pseudo_labels", PSEUDO_LABELS)):
@@ -64,7 +66,7 @@ def check_config(config: Any) -> None:
             f"config key 'zegformer_grouping': {config.zegformer_grouping!r} is not one of "
             f"{', '.join(GROUPINGS)}"
         )
-    for key in ("refine_weight", "zegformer_pixel_weight"):
+    for key in ("refine_weight", "zegformer_lambda", "sazs_min_iou"):
         if not 0 <= getattr(config, key) <= 1:
             raise ConfigError(f"config key {key!r}: expected 0 to 1, got {getattr(config, key)!r}")
     for key in ("spectral_eigs", "spectral_segments", "zegformer_queries", "pseudo_clusters"):
@@ -84,9 +86,4 @@ def check_config(config: Any) -> None:
         raise ConfigError(
             "config key 'deep_prompts': the prompts change the backbone's tokens at every step, so the "
             "frozen-feature cache cannot be used; set use_cache=false"
-        )
-    if config.global_loss_weight and config.use_cache:
-        raise ConfigError(
-            "config key 'global_loss_weight': the global term needs each image's CLS token, which the "
-            "feature cache does not store; set use_cache=false"
         )

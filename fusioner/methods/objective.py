@@ -4,7 +4,9 @@
 returns an :class:`Objective` only when something more is asked, so the default run is unchanged:
 
 - a method's own term (ZegFormer's class-agnostic grouping loss, ``head.aux_loss``);
-- ``spectral_weight``: SAZS's pull of predictions toward the eigen-segments (methods/spectral.py);
+- a method's own mask loss over every seen name (ZegCLIP: ``Method.all_seen`` and ``Method.loss``);
+- ``spectral_weight``: a pull of predictions toward the eigen-segments (methods/spectral.py; this
+  library's term, not SAZS's);
 - ``pseudo_labels: kmeans`` (+ ``pseudo_weight``): CLIP-ZSS pseudo-classes (methods/pseudo_labels.py);
 - ``global_loss_weight``: CLIP-ZSS's global contrastive term.
 
@@ -22,11 +24,11 @@ import torch
 from einops import reduce
 from torch import Tensor, nn
 
-from fusioner.engine.losses import mask_loss, rank_loss, resize_labels
 from fusioner.errors import FusionerError
 from fusioner.methods.pseudo_labels import Synthesizer, global_contrastive
-from fusioner.methods.registry import PSEUDO_LABELS, method_of
-from fusioner.methods.spectral import SpectralRefiner, consistency_loss
+from fusioner.methods.registry import PSEUDO_LABELS, call_head, method_of
+from fusioner.methods.spectral import SpectralRefiner, eigen_segment_consistency
+from fusioner.model.losses import mask_loss, rank_loss, resize_labels
 
 
 def _unwrap(head: nn.Module) -> nn.Module:
@@ -98,6 +100,8 @@ class Objective(nn.Module):
     ) -> Tensor:
         """Same inputs as ``engine.train.head_loss`` (+ the backbone's CLS ``b c`` for the global term)."""
         tokens = tokens.float()
+        if self.method.all_seen:  # every seen name on every image, not the sampled ones
+            class_idx = torch.arange(len(vocab), device=class_idx.device).expand(class_idx.shape[0], -1)
         text = vocab[class_idx]  # b k ct
         k = text.shape[1]
         pseudo = None
@@ -107,16 +111,24 @@ class Objective(nn.Module):
             )
             text = torch.cat([text, self.synthesizer(prototypes).to(text.dtype)], dim=1)
         plain = _unwrap(head)
+        if hasattr(plain, "remember_seen"):  # ZegFormer fuses seen and unseen names differently
+            plain.remember_seen(vocab)
         dense = plain.get_submodule(self.method.dense_module) if self.global_proj is not None else None
         with _captured(dense) as features:
-            out = head(tokens, grid, text, return_aux=True) if self.method_term else head(tokens, grid, text)
+            extra = {"return_aux": True} if self.method_term else {}
+            out = call_head(head, tokens, grid, text, cls, **extra)
         logits, aux = out if self.method_term else (out, None)
         labels = resize_labels(target, logits.shape[-2:])
         named = logits[:, :k]
         targets = (labels[:, None] == class_idx[:, :, None, None] + 1).to(torch.uint8)
         valid = labels >= 0
-        loss = mask_loss(named, targets, valid, self.dice_weight)
-        if self.ce_weight:
+        if self.method.loss is not None:
+            loss = self.method.loss(named, targets, valid)
+        elif not self.method.pixel_loss:
+            loss = named.sum() * 0
+        else:
+            loss = mask_loss(named, targets, valid, self.dice_weight)
+        if self.ce_weight and self.method.loss is None and self.method.pixel_loss:
             answered = valid & ((labels == 0) | targets.any(1).bool())
             loss = loss + self.ce_weight * rank_loss(named, targets, answered)
         if pseudo is not None:
@@ -128,7 +140,7 @@ class Objective(nn.Module):
         if self.method_term:
             loss = loss + plain.aux_loss(aux, labels, self.dice_weight)
         if self.refiner is not None:
-            loss = loss + self.spectral_weight * consistency_loss(named, tokens, grid, self.refiner)
+            loss = loss + self.spectral_weight * eigen_segment_consistency(named, tokens, grid, self.refiner)
         if self.global_proj is not None:
             if cls is None:
                 raise FusionerError(
@@ -139,10 +151,21 @@ class Objective(nn.Module):
         return loss
 
 
-def build_objective(config: Any, head: nn.Module, vision: Any, text_dim: int) -> Objective | None:
-    """The objective ``config`` asks for, or None when the head's own ``head_loss`` is the whole loss."""
+def build_objective(
+    config: Any, head: nn.Module, vision: Any, text_dim: int, vocab: Tensor | None = None
+) -> Objective | None:
+    """The objective ``config`` asks for, or None when the head's own ``head_loss`` is the whole loss.
+
+    ``vocab`` (the seen names' embeddings): a head that tells seen from unseen names (ZegFormer's
+    fusion) records them now, before a resumed run loads its checkpoint into the head.
+    """
+    if vocab is not None and hasattr(_unwrap(head), "remember_seen"):
+        _unwrap(head).remember_seen(vocab)
+    method = method_of(head)
     extra = (
         hasattr(_unwrap(head), "aux_loss")
+        or method.loss is not None
+        or method.all_seen
         or config.spectral_weight
         or config.pseudo_labels != "none"
         or config.global_loss_weight

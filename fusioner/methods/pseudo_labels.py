@@ -9,8 +9,12 @@ text space by a small synthesizer, so the head learns to separate things it has 
 (instead of learning "everything unnamed is background"). *Global Learning*: a contrastive term
 pulling each image's pooled dense features toward its own CLS token and away from the other images'.
 
-Multi-scale here: each token's descriptor concatenates its own (unit) feature with the average of
-its 2x2, 4x4, ... neighbourhood (``scales``), so one K-means sees fine and coarse context at once;
+Multi-scale here: each token's descriptor concatenates its unit feature averaged over an ``s x s``
+window for every ``s`` of ``scales`` (config key ``pseudo_scales``, default 1 and 3: the token
+itself and its 3 x 3 neighbourhood), so one K-means sees fine and coarse context at once. The number
+of clusters is fixed (``pseudo_clusters``): CLIP-ZSS's window seeds and merging of similar clusters
+are not here, nor are its CLIP teacher (the clusters are of the run's own frozen tokens) and its
+CLS-query attention pooling (the global term pools the head's dense features by their mean);
 clusters form over tokens whose pixels are all background (label 0), and the pseudo masks are cut
 to the background pixels at full resolution: a pseudo-class never covers an annotated or ignored pixel.
 """
@@ -46,7 +50,7 @@ def kmeans_pseudo_labels(
     target: Tensor,
     *,
     clusters: int = 4,
-    scales: Sequence[int] = (1, 2),
+    scales: Sequence[int] = (1, 3),
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Frozen tokens ``b n c`` and labels ``b h w`` (0 background, > 0 annotated, < 0 ignore) ->

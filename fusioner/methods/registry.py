@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,17 @@ class Method:
     # width: what the CLIP-ZSS global term pools (fusioner/methods/objective.py).
     dense_module: str
     dense_dim: Callable[[nn.Module], int] = lambda head: head.config.dim
+    # Whether the head reads the image's CLS token (``head(..., cls=b c)``); callers go through
+    # :func:`call_head`, so heads that read only patch tokens keep the plain contract.
+    takes_cls: bool = False
+    # Training: score every seen name on every image (ZegCLIP) instead of the sampled present +
+    # negative names, and the method's own per-name loss ``(logits b k h w, targets b k h w, valid
+    # b h w) -> scalar`` in place of the library's BCE + dice (None = the library's).
+    all_seen: bool = False
+    loss: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+    # False: the head's own set loss (``head.aux_loss``) is its whole training signal (ZegFormer);
+    # no per-name loss on its semantic map.
+    pixel_loss: bool = True
 
 
 METHODS: dict[str, Method] = {}
@@ -63,3 +74,18 @@ def method_of(head: nn.Module) -> Method:
         if type(head) is method.head_cls:
             return method
     raise KeyError(f"{type(head).__name__} is no registered method's head; known: {', '.join(METHODS)}")
+
+
+def call_head(
+    head: nn.Module, tokens: Tensor, grid: tuple[int, int], text: Tensor, cls: Tensor | None = None, **kwargs: Any
+) -> Any:
+    """``head(tokens, grid, text, **kwargs)``, with ``cls=cls`` for the heads that read the CLS token.
+
+    The one place that decides it, so training (cached or not), evaluation, ``predict`` and export
+    hand ZegCLIP its image embedding the same way.
+    """
+    plain = getattr(head, "_orig_mod", getattr(head, "module", head))
+    # Anything else with the head's call (an exported graph's stages, export.py) reads no CLS.
+    if any(type(plain) is m.head_cls and m.takes_cls for m in METHODS.values()):
+        kwargs["cls"] = cls
+    return head(tokens, grid, text, **kwargs)

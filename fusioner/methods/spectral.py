@@ -1,9 +1,10 @@
-"""SAZS-style shape-awareness: spectral segments of the frozen patch tokens refine mask logits.
+"""Spectral segments of the frozen patch tokens, and a refiner that pulls mask logits toward them.
 
-SAZS (Liu et al., "Delving into Shape-aware Zero-shot Semantic Segmentation", CVPR 2023) fuses the
-eigen-segments of a self-supervised backbone's patch affinities with the model's mask scores, so
-masks follow object boundaries the frozen features already know. Here, training-free and for any
-method: an affinity graph over the patch tokens (cosine, negative affinities cut, optionally only
+SAZS (Liu et al., "Delving into Shape-aware Zero-shot Semantic Segmentation", CVPR 2023; official
+code Liuxinyv/SAZS) builds on the Laplacian eigenvectors of a self-supervised backbone's patch
+affinities (the deep-spectral-segmentation recipe); this module shares that graph and its
+eigenvectors (:func:`affinity`, :func:`laplacian_eigenvectors`) but is not SAZS: its eigen-mask
+selection and boundary constraint are not here. What is here, training-free and for any method: an affinity graph over the patch tokens (cosine, negative affinities cut, optionally only
 each token's ``knn`` nearest neighbours kept), the first ``eigs`` eigenvectors of its normalised
 Laplacian, K-means (seeded, in torch) over their row-normalised entries (Ng-Jordan-Weiss spectral
 clustering) into ``segments`` segments; every segment takes the mean probability of its pixels,
@@ -205,12 +206,13 @@ def build_spectral(settings: Mapping[str, Any]) -> SpectralRefiner:
     )
 
 
-def consistency_loss(
+def eigen_segment_consistency(
     logits: Tensor, tokens: Tensor, grid: tuple[int, int], refiner: SpectralRefiner
 ) -> Tensor:
-    """SAZS's shape term, as a training option (``spectral_weight``): each name's probabilities are
-    pulled toward their own mean over the eigen-segment (the target is detached), so predicted
-    masks stop cutting through regions the frozen features call one object."""
+    """This library's own training term (``spectral_weight``), not SAZS's (SAZS trains a boundary /
+    edge constraint): each name's probabilities are pulled toward their own mean over the K-means
+    eigen-segment (the target is detached), so predicted masks stop cutting through regions the
+    frozen features call one object."""
     with torch.no_grad():
         seg = refiner.segments_of(tokens.detach(), grid, tuple(logits.shape[-2:]))
     probs = logits.float().sigmoid()

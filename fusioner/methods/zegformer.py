@@ -1,23 +1,36 @@
-"""ZegFormer-style decoupled head (``method: zegformer``): group pixels first, name the groups after.
+"""ZegFormer (``method: zegformer``): class-agnostic segments, each named twice and the two fused.
 
-ZegFormer (Ding et al., "Decoupling Zero-Shot Semantic Segmentation", CVPR 2022) splits the task in
-two: class-agnostic grouping (segments that need no names, so they transfer to unseen classes),
-then zero-shot classification of each segment against the name embeddings. Here:
+ZegFormer (Ding et al., "Decoupling Zero-Shot Semantic Segmentation", CVPR 2022; official code
+dingjiansw101/ZegFormer: ``mask_former/modeling/transformer/transformer_zeroshot_predictor.py``,
+``mask_former/modeling/criterion.py``, ``mask_former/mask_former_model.py``) as that code builds it:
 
-- grouping ``queries``: N learned mask queries read the patch tokens (cross-attention) and give N
-  masks; they are trained on the seen masks *without their names* (each ground-truth region is
-  matched to one query, Hungarian on dice, and supervised with BCE + dice); or grouping
-  ``spectral``: the eigen-segments of fusioner/methods/spectral.py (training-free);
-- classification: each segment's embedding is the mean of the projected patch features under its
-  mask, scored against every name (cosine / temperature, an independent sigmoid per name); a pixel's
-  segment-level probability is its segment memberships times their names' probabilities;
-- ZegFormer's ensemble: the segment-level logits are blended with a pixel-level cosine score by
-  ``zegformer_pixel_weight`` (0 = segments only, 1 = pixels only).
+- *grouping*: N learned queries read the patch tokens (cross-attention) and give N independent
+  sigmoid masks (mask embedding . per-pixel features);
+- *segment-level classification*: each query's embedding, projected to the text width and unit
+  normed, against the unit name embeddings and a learned no-object embedding, over a temperature;
+  trained with cross-entropy (no-object weight 0.1) on Hungarian matches (``scipy``'s
+  ``linear_sum_assignment``) of cost ``class + 20 x focal + 1 x dice``, then focal x 20 + dice x 1
+  on the matched masks (:func:`set_loss`);
+- *image-level classification*: each segment classified by the frozen CLIP. Here from the cached
+  CLIP dense tokens (``ln_post`` + projection, MaskCLIP-style) mask-pooled under the binarised
+  segment, instead of CLIP re-run on a masked crop; scored at CLIP's logit scale 100 and the
+  segment's own no-object logit appended, as the official code does;
+- *fusion* (:func:`fuse`): softmaxes without no-object, CLIP's seen-name scores replaced by their
+  mean, then ``p_seg^l p_clip^(1-l)`` for seen names and ``p_seg^(1-l) p_clip^l`` for unseen ones,
+  ``l = 2/3``; a name is seen when its embedding is one the head was trained with (``seen_text``);
+- *semantic inference*: ``sum_s p(s, name) x sigmoid(mask_s)`` (MaskFormer), returned as logits.
+
+Scores are softmaxes over the names asked together, as published: unlike the other heads, a name's
+map depends on the other names in the pass (fusioner/inference.py asks up to 64 at once). The image-
+level branch needs tokens in the text space (a CLIP pair); with another pair it is off and the
+segment-level score is the whole score. ``grouping: spectral`` (``zegformer+spectral-groups``) is a
+training-free hybrid, not ZegFormer: the eigen-segments of methods/spectral.py stand in for the
+queries' masks and each segment's pooled feature for its query embedding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,12 +40,15 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fusioner.engine.losses import mask_loss
-from fusioner.methods.layers import CrossBlock, cosine_maps, logit_scale, to_size
+from fusioner.methods.layers import CrossBlock, logit_scale, to_size
 from fusioner.methods.registry import Method, register_method
 from fusioner.methods.spectral import spectral_segments
+from fusioner.methods.zegclip import sigmoid_focal, smoothed_dice
 
 GROUPINGS = ("queries", "spectral")
+CLIP_SCALE = 100.0  # CLIP's own logit scale, used for the image-level scores
+NO_OBJECT_WEIGHT = 0.1  # MaskFormer's eos_coef
+MASK_WEIGHT, DICE_WEIGHT = 20.0, 1.0  # MaskFormer / ZegFormer defaults (matcher costs and losses)
 
 
 @dataclass(frozen=True)
@@ -48,9 +64,11 @@ class ZegFormerConfig:
     upsample: int = 4
     grouping: str = "queries"  # queries | spectral
     queries: int = 16  # mask queries, or spectral segments with grouping=spectral
-    pixel_weight: float = 0.5  # the ensemble's share of the pixel-level score
+    balance: float = 2 / 3  # lambda of the seen / unseen fusion
+    image_branch: bool = True  # tokens share the text space (a CLIP pair): CLIP names the segments too
     spectral_eigs: int = 4
     seed: int = 0
+    seen_names: int = 0  # how many training names ``seen_text`` holds (set when training starts)
 
 
 def _config(config: Any, vision: Any, text: Any) -> ZegFormerConfig:
@@ -65,38 +83,47 @@ def _config(config: Any, vision: Any, text: Any) -> ZegFormerConfig:
         learn_temperature=config.learn_temperature,
         grouping=config.zegformer_grouping,
         queries=config.zegformer_queries,
-        pixel_weight=config.zegformer_pixel_weight,
+        balance=config.zegformer_lambda,
+        image_branch=vision.embed_dim == text.embed_dim,
         spectral_eigs=config.spectral_eigs,
         seed=config.seed,
     )
 
 
-def segment_scores(segments: Tensor, names: Tensor, scale: Tensor | float) -> Tensor:
-    """Zero-shot classification: segment embeddings ``b s d``, names ``b k d`` -> logits ``b s k``."""
-    return einsum(F.normalize(segments, dim=-1), F.normalize(names, dim=-1), "b s d, b k d -> b s k") * scale
+def mask_pooled(tokens: Tensor, masks: Tensor) -> Tensor:
+    """Tokens ``b n c``, mask logits ``b s n`` -> each segment's mean token over its binarised mask
+    (``sigmoid > 0.5``; the soft mask where nothing passes), ``b s c``."""
+    hard = (masks > 0).to(tokens.dtype)
+    soft = masks.sigmoid().to(tokens.dtype)
+    weights = torch.where(hard.sum(-1, keepdim=True) > 0, hard, soft)
+    return einsum(weights, tokens, "b s n, b n c -> b s c") / weights.sum(-1, keepdim=True).clamp(min=1e-6)
 
 
-def pool_segments(assign: Tensor, patches: Tensor) -> Tensor:
-    """Soft memberships ``b s n`` (each pixel's sum to 1), features ``b n d`` -> segment means ``b s d``."""
-    return einsum(assign, patches, "b s n, b n d -> b s d") / assign.sum(-1, keepdim=True).clamp(min=1e-6)
+def fuse(segment: Tensor, image: Tensor, seen: Tensor, balance: float) -> Tensor:
+    """ZegFormer's ensemble. ``segment`` / ``image``: logits ``b s (k + 1)`` (last = no-object);
+    ``seen`` bool ``b k`` -> probabilities ``b s k``.
 
-
-def pixels_from_segments(assign: Tensor, scores: Tensor) -> Tensor:
-    """Memberships ``b s n``, segment logits ``b s k`` -> per-pixel logits ``b k n``.
-
-    A pixel's probability for a name is the membership-weighted probability of its segments, each
-    name on its own (sigmoid, not a softmax over names: names asked together never compete). Taken
-    in log space, ``log p - log(1 - p)``: sigmoids of cosines over a temperature of 0.07 saturate,
-    and clamped probabilities would tie the best names; a one-hot membership returns ``scores``.
+    Both are softmaxed and lose the no-object column; CLIP's scores of the seen names are replaced
+    by their mean (CLIP then does not reorder seen names); seen names take ``p_seg^l p_clip^(1-l)``,
+    unseen names ``p_seg^(1-l) p_clip^l``.
     """
-    log_a = rearrange(assign.clamp(min=1e-12).log(), "b s n -> b s 1 n")
-    yes = torch.logsumexp(log_a + rearrange(F.logsigmoid(scores), "b s k -> b s k 1"), dim=1)
-    no = torch.logsumexp(log_a + rearrange(F.logsigmoid(-scores), "b s k -> b s k 1"), dim=1)
-    return yes - no  # b k n
+    p_seg = segment.softmax(-1)[..., :-1]
+    p_img = image.softmax(-1)[..., :-1]
+    mask = seen[:, None].to(p_img.dtype)  # b 1 k
+    seen_mean = (p_img * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    p_img = torch.where(seen[:, None], seen_mean, p_img)
+    own = torch.where(seen[:, None], balance, 1 - balance)  # exponent of the segment-level score
+    return p_seg.pow(own) * p_img.pow(1 - own)
+
+
+def semantic_map(probs: Tensor, masks: Tensor) -> Tensor:
+    """MaskFormer's semantic inference: name probabilities ``b s k``, mask logits ``b s n`` ->
+    ``b k n``: ``sum_s p(s, k) sigmoid(mask_s)``."""
+    return einsum(probs, masks.sigmoid(), "b s k, b s n -> b k n")
 
 
 class ZegFormerHead(nn.Module):
-    """tokens ``b n cv``, names ``b k ct`` -> logits ``b k h w``; ``return_aux`` adds the masks."""
+    """tokens ``b n cv``, names ``b k ct`` -> logits ``b k h w``; ``return_aux`` adds masks and classes."""
 
     def __init__(self, config: ZegFormerConfig) -> None:
         super().__init__()
@@ -107,18 +134,23 @@ class ZegFormerHead(nn.Module):
         self.config = config
         d = config.dim
         self.visual_in = nn.Sequential(nn.LayerNorm(config.vision_dim), nn.Linear(config.vision_dim, d))
+        # The per-pixel features the masks are read from (MaskFormer's pixel decoder's place).
         self.patch_blocks = nn.ModuleList(
             Block(d, config.heads, config.mlp_ratio, qkv_bias=True) for _ in range(config.depth)
         )
         self.dense = nn.Identity()
-        self.text_in = nn.Linear(config.text_dim, d)
         if config.grouping == "queries":
             self.queries = nn.Parameter(torch.zeros(config.queries, d))
             nn.init.trunc_normal_(self.queries, std=0.02)
             self.query_blocks = nn.ModuleList(
                 CrossBlock(d, config.heads, config.mlp_ratio) for _ in range(config.depth)
             )
-            self.mask_embed = nn.Linear(d, d)
+            self.mask_embed = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        self.projection = nn.Linear(d, config.text_dim)  # query embedding -> text space
+        self.no_object = nn.Parameter(torch.empty(1, config.text_dim))
+        nn.init.normal_(self.no_object, std=config.text_dim**-0.5)
+        # The names the head was trained with (set by the objective): they take the "seen" fusion.
+        self.register_buffer("seen_text", torch.zeros(config.seen_names, config.text_dim))
         scale = logit_scale(config.temperature, config.learn_temperature)
         if isinstance(scale, nn.Parameter):
             self.logit_scale = scale
@@ -129,21 +161,42 @@ class ZegFormerHead(nn.Module):
     def scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=100.0)
 
-    def group(self, tokens: Tensor, patches: Tensor) -> tuple[Tensor, Tensor | None]:
-        """-> (memberships ``b s n``, mask logits ``b s n`` of learned queries or None)."""
+    def remember_seen(self, text: Tensor) -> None:
+        """Record the training names (``v ct``); saved with the head, their count in its config."""
+        if self.seen_text.shape == text.shape:
+            self.seen_text.copy_(F.normalize(text.detach().float(), dim=-1))
+            return
+        self.seen_text = F.normalize(text.detach().float(), dim=-1).to(self.no_object.device)
+        self.config = replace(self.config, seen_names=text.shape[0])
+
+    def seen_flags(self, names: Tensor) -> Tensor:
+        """Unit names ``b k ct`` -> bool ``b k``: the name is one the head was trained with."""
+        if self.seen_text.numel() == 0:
+            return torch.zeros(names.shape[:2], dtype=torch.bool, device=names.device)
+        sim = einsum(names.float(), self.seen_text.to(names.device), "b k c, v c -> b k v")
+        return sim.max(-1).values > 1 - 1e-4
+
+    def group(self, tokens: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (segment embeddings ``b s d``, mask logits ``b s n``)."""
         if self.config.grouping == "spectral":
             seg = spectral_segments(
-                tokens.detach(),
-                eigs=self.config.spectral_eigs,
-                segments=self.config.queries,
-                seed=self.config.seed,
+                tokens.detach(), eigs=self.config.spectral_eigs, segments=self.config.queries, seed=self.config.seed
             )
-            return rearrange(F.one_hot(seg, self.config.queries).to(patches.dtype), "b n s -> b s n"), None
+            onehot = rearrange(F.one_hot(seg, self.config.queries).to(patches.dtype), "b n s -> b s n")
+            pooled = einsum(onehot, patches, "b s n, b n d -> b s d") / onehot.sum(-1, keepdim=True).clamp(min=1)
+            return pooled, (onehot * 2 - 1) * 20  # a hard segment as mask logits of +-20
         q = self.queries.expand(patches.shape[0], -1, -1)
         for block in self.query_blocks:
             q = block(q, patches)
         masks = einsum(self.mask_embed(q), patches, "b s d, b n d -> b s n") / patches.shape[-1] ** 0.5
-        return masks.softmax(1), masks
+        return q, masks
+
+    def classify(self, embeddings: Tensor, names: Tensor) -> Tensor:
+        """Segment embeddings ``b s d``, unit names ``b k ct`` -> logits ``b s (k + 1)``, last = no-object."""
+        x = F.normalize(self.projection(embeddings), dim=-1)
+        named = einsum(x, names, "b s c, b k c -> b s k")
+        empty = einsum(x, self.no_object.to(x.dtype), "b s c, o c -> b s o")
+        return torch.cat([named, empty], dim=-1) * self.scale
 
     def forward(
         self,
@@ -160,52 +213,80 @@ class ZegFormerHead(nn.Module):
         for block in self.patch_blocks:
             patches = block(patches)
         patches = self.dense(patches)  # b n d
-        names = self.text_in(text.to(patches.dtype))  # b k d
-        assign, masks = self.group(tokens, patches)
-        scores = segment_scores(pool_segments(assign, patches), names, self.scale)  # b s k
-        segment_logits = rearrange(
-            pixels_from_segments(assign, scores), "b k (gh gw) -> b k gh gw", gh=grid[0], gw=grid[1]
-        )
-        w = self.config.pixel_weight
-        logits = segment_logits
-        if w:
-            logits = (1 - w) * segment_logits + w * cosine_maps(names, patches, grid) * self.scale
+        names = F.normalize(text.to(patches.dtype), dim=-1)
+        embeddings, masks = self.group(tokens, patches)
+        classes = self.classify(embeddings, names)  # b s (k + 1)
+        if self.config.image_branch and not self.training:
+            clip = F.normalize(mask_pooled(tokens.detach(), masks.detach()), dim=-1)
+            image = torch.cat([einsum(clip, names, "b s c, b k c -> b s k") * CLIP_SCALE, classes[..., -1:]], -1)
+            probs = fuse(classes, image, self.seen_flags(names), self.config.balance)
+        else:
+            probs = classes.softmax(-1)[..., :-1]
+        semantic = semantic_map(probs, masks).clamp(1e-6, 1 - 1e-6)
+        logits = rearrange(torch.logit(semantic), "b k (gh gw) -> b k gh gw", gh=grid[0], gw=grid[1])
         logits = to_size(logits, grid, self.config.upsample, size)
         if not return_aux:
             return logits
-        aux = (
-            {}
-            if masks is None
-            else {"masks": rearrange(masks, "b s (gh gw) -> b s gh gw", gh=grid[0], gw=grid[1])}
-        )
+        aux = {"classes": classes}
+        if self.config.grouping == "queries":
+            aux["masks"] = rearrange(masks, "b s (gh gw) -> b s gh gw", gh=grid[0], gw=grid[1])
         return logits, aux
 
-    def aux_loss(self, aux: dict[str, Tensor], target: Tensor, dice_weight: float = 1.0) -> Tensor:
-        """Class-agnostic grouping loss: every seen region of ``target`` (``b h w``: 0 background,
-        j + 1 = seen name j, -1 ignore) is matched to one mask query (Hungarian on dice) and
-        supervised with BCE + dice; the names themselves are never used."""
+    def aux_loss(self, aux: dict[str, Tensor], target: Tensor, dice_weight: float = DICE_WEIGHT) -> Tensor:
+        """The set criterion on ``target`` (``b h w``: 0 background, j + 1 = name j of the pass, -1 ignore)."""
         if "masks" not in aux:
-            return target.new_zeros((), dtype=torch.float32)
-        masks = F.interpolate(
-            aux["masks"].float(), size=target.shape[-2:], mode="bilinear", align_corners=False
-        )
-        losses = []
-        for one, labels in zip(masks, target, strict=True):
-            regions = [r for r in labels.unique().tolist() if r > 0]
-            if not regions:
-                continue
-            truth = torch.stack([labels == r for r in regions]).float()  # r h w
-            with torch.no_grad():
-                probs = one.sigmoid()
-                inter = einsum(probs, truth, "s h w, r h w -> s r")
-                dice = (2 * inter + 1) / (probs.sum((1, 2))[:, None] + truth.sum((1, 2))[None] + 1)
-                rows, cols = linear_sum_assignment(-dice.cpu().numpy())
-            picked = one[torch.as_tensor(rows, device=one.device)][None]  # 1 m h w
-            valid = (labels >= 0)[None]
-            losses.append(
-                mask_loss(picked, truth[torch.as_tensor(cols, device=one.device)][None], valid, dice_weight)
-            )
-        return torch.stack(losses).mean() if losses else masks.sum() * 0
+            return aux["classes"].sum() * 0
+        return set_loss(aux["classes"], aux["masks"], target, dice_weight)
+
+
+def match(classes: Tensor, masks: Tensor, labels: Tensor, truth: Tensor, dice_weight: float) -> tuple[Tensor, Tensor]:
+    """One image: class logits ``s (k + 1)``, mask logits ``s p``, region names ``r``, region masks
+    ``r p`` -> (query, region) index pairs minimising ``-p(name) + 20 focal + dice_weight dice``."""
+    with torch.no_grad():
+        cost_class = -classes.softmax(-1)[:, labels]  # s r
+        p = masks.float().sigmoid()
+        bce_pos = F.binary_cross_entropy_with_logits(masks.float(), torch.ones_like(p), reduction="none")
+        bce_neg = F.binary_cross_entropy_with_logits(masks.float(), torch.zeros_like(p), reduction="none")
+        pos = 0.25 * (1 - p) ** 2 * bce_pos
+        neg = 0.75 * p**2 * bce_neg
+        cost_focal = (pos @ truth.T + neg @ (1 - truth).T) / truth.shape[-1]
+        cost_dice = 1 - (2 * p @ truth.T + 1) / (p.sum(-1)[:, None] + truth.sum(-1)[None] + 1)
+        cost = cost_class + MASK_WEIGHT * cost_focal + dice_weight * cost_dice
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    return torch.as_tensor(rows, device=masks.device), torch.as_tensor(cols, device=masks.device)
+
+
+def set_loss(classes: Tensor, masks: Tensor, target: Tensor, dice_weight: float = DICE_WEIGHT) -> Tensor:
+    """MaskFormer's criterion: class logits ``b s (k + 1)``, mask logits ``b s gh gw``, labels ``b h w``.
+
+    Every named region (``j + 1``) of an image is a target; Hungarian matching (:func:`match`); cross-
+    entropy over ``k + 1`` classes on every query (unmatched = no-object, weight 0.1); focal x 20 +
+    ``dice_weight`` x dice on the matched masks, over the number of regions in the batch.
+    """
+    b, s, k1 = classes.shape
+    masks = F.interpolate(masks.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    wanted = torch.full((b, s), k1 - 1, dtype=torch.long, device=classes.device)
+    focal, dice, count = masks.new_zeros(()), masks.new_zeros(()), 0
+    for i in range(b):
+        labels = target[i]
+        regions = [r for r in labels.unique().tolist() if r > 0]
+        if not regions:
+            continue
+        keep = (labels >= 0).flatten()  # ignored pixels take no part
+        truth = torch.stack([labels == r for r in regions]).flatten(1)[:, keep].float()  # r p
+        names = torch.tensor(regions, device=classes.device) - 1
+        pred = masks[i].flatten(1)[:, keep]  # s p
+        rows, cols = match(classes[i], pred, names, truth, dice_weight)
+        wanted[i, rows] = names[cols]
+        picked, want = pred[rows][None, ..., None], truth[cols][None, ..., None]  # 1 m p 1
+        everywhere = torch.ones(1, pred.shape[-1], 1, dtype=torch.bool, device=pred.device)
+        focal = focal + sigmoid_focal(picked, want, everywhere).sum()
+        dice = dice + smoothed_dice(picked, want, everywhere).sum()
+        count += len(regions)
+    weight = torch.ones(k1, device=classes.device)
+    weight[-1] = NO_OBJECT_WEIGHT
+    ce = F.cross_entropy(rearrange(classes.float(), "b s c -> b c s"), wanted, weight)
+    return ce + (MASK_WEIGHT * focal + dice_weight * dice) / max(count, 1)
 
 
 ZEGFORMER = register_method(
@@ -215,7 +296,9 @@ ZEGFORMER = register_method(
         head_cls=ZegFormerHead,
         from_config=_config,
         dense_module="dense",
+        all_seen=True,
+        pixel_loss=False,
     )
 )
 
-__all__ = ["ZegFormerConfig", "ZegFormerHead", "pixels_from_segments", "pool_segments", "segment_scores"]
+__all__ = ["ZegFormerConfig", "ZegFormerHead", "fuse", "mask_pooled", "semantic_map", "set_loss"]

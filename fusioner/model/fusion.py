@@ -13,14 +13,27 @@ of ``[n visual ; class]`` tokens. ``FUSIONS`` holds the two rules (config key ``
 
 Both return the fused patches as ``b q n d`` with ``q = k`` (joint: one patch set per name) or
 ``q = 1`` (decoupled: one patch set shared by every name), and the class tokens as ``b k d``.
+
+``FUSION_LAYOUTS`` (config key ``fusion_layout``) holds the details around the attention rule:
+``default`` (timm's Block LayerNorm eps 1e-6, output projections with a bias, a class embedding
+drawn at std 0.02) and ``released``, the released Fusioner ``Fusion``: LayerNorm eps 1e-5 in the
+blocks, bias-free output projections (``x @ proj_patch``) and a class embedding drawn from N(0, 1)
+as its ``nn.Embedding(1, d)``. The parameter names stay ours; fusioner/model/released.py maps the
+released names onto them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from einops import rearrange, repeat
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+from fusioner.config import register_choices
 
 
 def fusion_mask(n: int, k: int, device: torch.device) -> Tensor:
@@ -31,6 +44,20 @@ def fusion_mask(n: int, k: int, device: torch.device) -> Tensor:
     own = torch.arange(n, n + k, device=device)
     mask[own, own] = True  # a name reads itself, no other name
     return mask
+
+
+@dataclass(frozen=True)
+class FusionLayout:
+    norm_layer: Callable[..., nn.Module] | None  # the blocks' LayerNorm; None = timm's own (eps 1e-6)
+    out_bias: bool  # output projections with a bias
+    init_class_embed: Callable[[Tensor], object]
+
+
+FUSION_LAYOUTS: dict[str, FusionLayout] = {
+    "default": FusionLayout(None, True, partial(nn.init.trunc_normal_, std=0.02)),
+    # eps 1e-5 is PyTorch's LayerNorm default, what the released Block uses.
+    "released": FusionLayout(partial(nn.LayerNorm, eps=1e-5), False, nn.init.normal_),
+}
 
 
 class _Fusion(nn.Module):
@@ -45,20 +72,26 @@ class _Fusion(nn.Module):
         heads: int = 8,
         mlp_ratio: float = 4.0,
         class_dim: int | None = None,
+        layout: str = "default",
     ) -> None:
         super().__init__()
+        if layout not in FUSION_LAYOUTS:
+            raise ValueError(f"fusion layout must be one of {', '.join(FUSION_LAYOUTS)}, got {layout!r}")
+        style = FUSION_LAYOUTS[layout]
         self.visual_in = nn.Sequential(
             nn.LayerNorm(vision_dim), nn.Linear(vision_dim, dim), nn.LayerNorm(dim)
         )
         self.text_in = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
         # One learned vector marks every class token as "a name".
         self.class_embed = nn.Parameter(torch.zeros(dim))
-        nn.init.trunc_normal_(self.class_embed, std=0.02)
-        # timm's pre-norm Block runs attention through F.scaled_dot_product_attention.
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
+        style.init_class_embed(self.class_embed)
+        # timm's pre-norm Block runs attention through F.scaled_dot_product_attention; its parameter
+        # names are the released Block's (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2).
+        norm = {"norm_layer": style.norm_layer} if style.norm_layer is not None else {}
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, **norm) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.visual_out = nn.Linear(dim, dim)
-        self.class_out = nn.Linear(dim, class_dim or dim)
+        self.visual_out = nn.Linear(dim, dim, bias=style.out_bias)
+        self.class_out = nn.Linear(dim, class_dim or dim, bias=style.out_bias)
 
     def _run(self, x: Tensor, n: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         for block in self.blocks:
@@ -90,3 +123,5 @@ class JointFusion(_Fusion):
 
 
 FUSIONS: dict[str, type[_Fusion]] = {"decoupled": DecoupledFusion, "joint": JointFusion}
+register_choices("fusion_layout", FUSION_LAYOUTS)
+register_choices("fusion_attention", FUSIONS)

@@ -7,7 +7,7 @@ head's weights alone; :meth:`FusionerModel.from_pretrained` rebuilds the adapter
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -17,17 +17,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-import fusioner
 from fusioner.adapters import TextAdapter, VisionAdapter, create_text, create_vision
 from fusioner.adapters.prompts import resolve_templates
+from fusioner.calibration import Calibration, read_calibration
+from fusioner.decide import Decision
 from fusioner.errors import FusionerError
-from fusioner.inference import batch_logits, labels_of
+from fusioner.inference import MODES, batch_logits
+from fusioner.inputs import as_images, parse_names
 from fusioner.io import atomic_write, atomic_write_json, read_json
 from fusioner.methods import METHODS, attach_vision, build_head, build_refiner, head_record
+from fusioner.model.files import CONFIG_NAME, WEIGHTS_NAME
 from fusioner.model.head import FusionHead
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from fusioner.model.seeding import SEED_KEY, has_random, recorded_seed, seeded_backbones
+from fusioner.run import RunDir
+from fusioner.version import __version__
 
 
 def _check_pixels(images: Tensor | Sequence[Tensor]) -> None:
@@ -62,6 +65,7 @@ class FusionerModel(nn.Module):
         image_size: int = 384,
         threshold: float = 0.5,
         refiner: Any | None = None,
+        backbone_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.head = head
@@ -73,12 +77,18 @@ class FusionerModel(nn.Module):
         self.text_weights = text_weights
         self.image_size = image_size
         self.threshold = threshold
+        # The seed random-weight backbones were drawn from (fusioner/model/seeding.py); None otherwise.
+        self.backbone_seed = backbone_seed if has_random(vision_weights, text_weights) else None
+        # GZSS calibration of the run the model came from (from_pretrained finds it), for seen_bias.
+        self.calibration: Calibration | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> FusionerModel:
         """Build adapters and a freshly initialised head from a :class:`fusioner.config.Config`."""
-        vision = create_vision(config.vision, config.vision_weights)
-        text = create_text(config.text, config.text_weights, templates=resolve_templates(config.templates))
+        with seeded_backbones(config.seed, config.vision_weights, config.text_weights):
+            vision = create_vision(config.vision, config.vision_weights)
+            templates = resolve_templates(config.templates)
+            text = create_text(config.text, config.text_weights, templates=templates)
         if config.image_size % vision.patch_size:
             raise FusionerError(
                 f"config key 'image_size': {config.image_size} is not a multiple of {vision.name}'s "
@@ -94,6 +104,7 @@ class FusionerModel(nn.Module):
             image_size=config.image_size,
             threshold=config.threshold,
             refiner=build_refiner(config),
+            backbone_seed=config.seed,
         )
 
     def logits(
@@ -119,16 +130,49 @@ class FusionerModel(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, images: Tensor | Sequence[Tensor], names: Sequence[str], *, mode: str = "fixed"
+        self,
+        images: Any,
+        names: str | Sequence[str],
+        *,
+        threshold: float | None = None,
+        mode: str = "best-name",
+        seen_bias: float = 0.0,
+        seen: Iterable[str] | None = None,
+        inference: str = "fixed",
     ) -> Tensor | list[Tensor]:
-        """Like :meth:`logits`, but labels ``h w`` per image: 0 = background, i = names[i - 1]."""
-        return labels_of(self.logits(images, names, mode=mode), self.threshold)
+        """Labels ``h w`` per image (0 = background, i = names[i - 1]); with ``mode="one-name"``, bool
+        masks ``k h w``, each name asked alone (fusioner/decide.py).
+
+        ``images``: a PIL image, an ``h w 3`` uint8 array, a file path, a float tensor in [0, 1]
+        (``3 h w`` or ``b 3 h w``), or a list of them (fusioner/inputs.py); one image gives one
+        answer, a batch or a list gives one per image. ``names``: a list or ``"cat, dog"``.
+        ``threshold``: default the model's own. ``seen_bias``: subtracted from the logits of the
+        ``seen`` names (default: the calibration :meth:`from_pretrained` found beside the model).
+        ``inference``: ``fixed`` or ``sliding`` (fusioner/inference.py); for older callers, ``mode``
+        also takes those two and then means ``inference``.
+        """
+        if mode in MODES:  # the pre-0.2 spelling predict(images, names, mode="sliding")
+            mode, inference = "best-name", mode
+        decision = Decision(self.threshold if threshold is None else threshold, mode, seen_bias, inference)
+        names = parse_names(names)
+        pixels, single = as_images(images)
+        flags = None
+        if decision.seen_bias:
+            known = seen if seen is not None else getattr(self.calibration, "seen", None)
+            if known is None:
+                raise FusionerError("seen_bias needs the names seen in training: give seen=[...]")
+            flags = torch.tensor([n in set(known) for n in names], dtype=torch.bool)
+        logits = self.logits(pixels, names, mode=decision.inference)
+        if single:
+            return decision.apply(logits, flags)
+        answers = [decision.apply(one, flags) for one in logits]
+        return torch.stack(answers) if isinstance(logits, Tensor) else answers
 
     # -- persistence ---------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:
         """Everything needed to rebuild this model besides the head's weights (config.json)."""
         return {
-            "fusioner_version": fusioner.__version__,
+            "fusioner_version": __version__,
             "vision": self.vision.name,
             "vision_weights": self.vision_weights,
             "vision_preprocessing": self.vision.preprocessing,
@@ -137,6 +181,7 @@ class FusionerModel(nn.Module):
             "templates": list(self.text.templates),
             "image_size": self.image_size,
             "threshold": self.threshold,
+            **({SEED_KEY: self.backbone_seed} if self.backbone_seed is not None else {}),
             **head_record(self.head),  # "method" and "head"
             "refine": self.refiner.record() if self.refiner is not None else {"refine": "none"},
         }
@@ -153,19 +198,21 @@ class FusionerModel(nn.Module):
         """Load from a saved model folder, a run directory (``RUN/model``) or a Hub repo id."""
         folder = _resolve_model_folder(source)
         record = _read_record(folder / CONFIG_NAME)
-        vision = create_vision(
-            record["vision"], record.get("vision_weights"), **adapter_kwargs.get("vision", {})
-        )
-        text = create_text(
-            record["text"],
-            record.get("text_weights"),
-            templates=record["templates"],
-            **adapter_kwargs.get("text", {}),
-        )
+        seed = recorded_seed(record, folder / CONFIG_NAME)
+        with seeded_backbones(seed, record.get("vision_weights"), record.get("text_weights")):
+            vision = create_vision(
+                record["vision"], record.get("vision_weights"), **adapter_kwargs.get("vision", {})
+            )
+            text = create_text(
+                record["text"],
+                record.get("text_weights"),
+                templates=record["templates"],
+                **adapter_kwargs.get("text", {}),
+            )
         method = record.get("method", "fusioner")  # models saved before methods existed: fusioner
         head = _build_head(folder / CONFIG_NAME, record["head"], vision, text, method)
         _load_head_weights(head, folder / WEIGHTS_NAME, folder / CONFIG_NAME)
-        return cls(
+        model = cls(
             head,
             attach_vision(head, vision),
             text,
@@ -174,7 +221,10 @@ class FusionerModel(nn.Module):
             image_size=record["image_size"],
             threshold=record["threshold"],
             refiner=build_refiner(record.get("refine", {})),
+            backbone_seed=seed,
         )
+        model.calibration = read_calibration(source) if Path(source).exists() else None
+        return model
 
 
 # What config.json must hold to rebuild a model (the rest has defaults).
@@ -246,8 +296,6 @@ def _load_head_weights(head: FusionHead, weights: Path, config: Path) -> None:
 
 
 def _resolve_model_folder(source: str | Path) -> Path:
-    from fusioner.run import RunDir  # run.py reads the model's file names: imported here, not at the top
-
     path = Path(source)
     for folder in (path, RunDir(path).model):
         if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():

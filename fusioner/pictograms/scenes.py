@@ -25,6 +25,7 @@ FORMAT_VERSION = 1
 MASK_THRESHOLD = 127  # a pixel belongs to a glyph where its alpha is above this
 MIN_VISIBLE = 0.5  # a glyph pasted later may hide at most half of an earlier one
 PLACEMENT_TRIES = 20
+OWNER = ".fusioner-scenes"  # written first: the folder is a generation's, which may clear it
 
 
 def _package_versions() -> dict[str, str]:
@@ -123,6 +124,25 @@ def _check_params(params: dict[str, Any], num_seen: int, num_unseen: int) -> Non
         )
 
 
+def _claim(out: Path) -> None:
+    """Refuse a non-empty folder no generation wrote to; mark the folder ours before writing into it.
+
+    Without the mark, :func:`_clear` would delete a user's own ``images/train_3.png`` (quickstart's
+    ``--out DIR`` puts the scenes in ``DIR/data``): it only ever clears a folder that carries it.
+    """
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    ours = (out / OWNER).is_file() or (out / MANIFEST).is_file() or (out / SCENES).is_file()
+    if entries and not ours:
+        raise DataError(
+            f"{out} is not empty and was not written by the pictogram scene generator (it holds "
+            f"{entries[0]}); choose a new or empty folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(
+        out / OWNER, lambda tmp: tmp.write_text("pictogram scenes; a regeneration may clear this folder\n")
+    )
+
+
 def _clear(out: Path) -> None:
     """Remove what an earlier (maybe killed) run wrote: the marker first, then only our own files."""
     (out / MANIFEST).unlink(missing_ok=True)
@@ -187,6 +207,7 @@ def generate_scenes(
     seen, unseen = split_names(list(char_of), unseen_fraction, seed)
     _check_params(params, len(seen), len(unseen))
 
+    _claim(out)
     _clear(out)
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     (out / MASKS).mkdir(exist_ok=True)

@@ -39,6 +39,7 @@ import yaml
 
 from fusioner.adapters.registry import check
 from fusioner.config import Config, canonical_key, load_config, read_yaml_mapping
+from fusioner.data import check_dataset
 from fusioner.errors import ConfigError, FusionerError
 from fusioner.io import atomic_write_json, read_json
 from fusioner.run import RunDir
@@ -188,6 +189,7 @@ def expand(spec: dict[str, Any], sweep_dir: str | Path, *, source: str = "sweep"
             chosen[axis.key] = axis.labels[i]
         try:
             config = load_config(None, **values)
+            check_dataset(config)  # the config leaves dataset names to the data package
         except ConfigError as e:
             where = ", ".join(f"{k}={v}" for k, v in chosen.items())
             raise ConfigError(f"{source}: the run with {where or 'the base values'}: {e}") from None

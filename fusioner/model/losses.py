@@ -1,4 +1,5 @@
-"""Per-class mask losses over non-ignored pixels."""
+"""Per-class mask losses over non-ignored pixels: what every head design trains with (the training
+loop, fusioner/engine/train.py, and the methods' objectives, fusioner/methods/objective.py)."""
 
 from __future__ import annotations
 
