@@ -136,46 +136,16 @@ def gzss_figures(spec: dict, arrays: Arrays, source: Path) -> dict[str, dict[str
 
 def head_differences(fixture: Path) -> dict[str, float]:
     """Max abs difference of the library's released head to the reference logits, per output."""
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
 
-    from fusioner.model.released import head_from_released
+    from fusioner.model.released import head_differences as differences
 
-    source = fixture / "head.safetensors"
-    config_path = fixture / "config.json"
-    config = read_json(config_path, "fixture file")
     try:
-        tensors = load_file(str(source))
-    except FileNotFoundError:
-        raise DataError(f"fixture file {source} does not exist") from None
-    except Exception as e:  # safetensors raises its own error types for broken files
-        raise DataError(f"cannot read fixture file {source}: {e}") from None
-    weights = {k: v for k, v in tensors.items() if k.startswith(("fusion.", "decoder."))}
-    head = head_from_released(weights, heads=int(_get(config, "n_heads", config_path))).eval()
-    grid = tuple(int(g) for g in _get(config, "grid", config_path))
-
-    def tensor(key: str) -> torch.Tensor:
-        if key not in tensors:
-            raise DataError(f"fixture file {source}: tensor {key!r} is missing")
-        return tensors[key].float()
-
-    runs = {  # output -> (text input, target size)
-        "logits": ("input.text", "target_size"),
-        "logits_odd": ("input.text", "odd_target_size"),
-        "logits3": ("input.text3", "target_size"),
-    }
-    out = {}
-    with torch.no_grad():
-        for name, (text, size_key) in runs.items():
-            size = tuple(int(s) for s in _get(config, size_key, config_path))
-            logits = head(tensor("input.visual"), grid, tensor(text), size=size)
-            expected = tensor(f"output.{name}")
-            if tuple(logits.shape) != tuple(expected.shape):
-                raise FusionerError(
-                    f"the released head gave {name} of shape {tuple(logits.shape)}; the fixture's "
-                    f"output.{name} is {tuple(expected.shape)}"
-                )
-            out[name] = (logits.float() - expected).abs().max().item()
-    return out
+        return differences(fixture)
+    except FileNotFoundError as e:
+        raise DataError(f"fixture file {e.filename} does not exist") from None
+    except (SafetensorError, KeyError, ValueError) as e:
+        raise DataError(f"cannot read the head fixture in {fixture}: {e}") from None
 
 
 def _nan_to_none(x: Any) -> Any:

@@ -24,6 +24,7 @@ from fusioner.commands import (
     cmd_train,
 )
 from fusioner.errors import FusionerError
+from fusioner.progress import plain_progress
 
 
 def _version() -> str:
@@ -35,9 +36,9 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-# The choices of predict's flags, spelled here so `fusioner --help` imports no torch.
+# The choices of predict's flags, spelled here so `fusioner --help` imports no torch (tests/test_cli.py
+# checks them against fusioner.decide.RULES and fusioner.inference.MODES).
 RULES = ("best-name", "one-name")
-REFINERS = ("none", "spectral")
 MODES = ("fixed", "sliding")
 
 
@@ -115,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="subtracted from the logits of names seen in training (default: the calibration in the run's "
         "metrics.json; 0 without one)",
     )
-    p.add_argument("--refine", choices=REFINERS, help="training-free refinement (default: the model's own)")
+    p.add_argument(
+        "--refine",
+        help="training-free refinement, a name of fusioner.methods.REFINERS, e.g. none or spectral "
+        "(default: the model's own)",
+    )
     p.add_argument(
         "--inference", choices=MODES, help="fixed (default: resized to the model's size) or sliding windows"
     )
@@ -201,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--export-space", metavar="DIR", help="write a Hugging Face Space folder for --model; serve nothing"
     )
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="also serve through a temporary public gradio.live link (internet)",
+    )
     p.set_defaults(fn=cmd_demo)
     return parser
 
@@ -217,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        args.fn(args, extra)
+        with plain_progress():  # in a log file, progress bars become a plain line every 10 s
+            args.fn(args, extra)
     except FusionerError as e:
         print(f"fusioner {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -72,7 +72,7 @@ def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     from fusioner.engine.evaluate import evaluate_model
-    from fusioner.run import Metrics
+    from fusioner.metrics_file import Metrics
 
     if args.suite:
         from fusioner.engine.suite import evaluate_suite
@@ -134,7 +134,10 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> None:
 
     _refuse_extra(extra)
     names = [n.strip() for n in (args.classes or "").split(",") if n.strip()]
-    result = export_onnx(args.model, Path(args.out), classes=names, text_graph=not args.no_text_graph)
+    from fusioner.progress import step
+
+    with step(f"exporting {args.model} to ONNX in {args.out} (about a minute with real backbones)"):
+        result = export_onnx(args.model, Path(args.out), classes=names, text_graph=not args.no_text_graph)
     for name in result.files:
         print(result.out / name)
     text = "" if result.text_diff is None else f", text embeddings {result.text_diff:.1e}"
@@ -222,7 +225,11 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> None:
     except ModuleNotFoundError as e:
         raise FusionerError(f"the demo needs {e.name}: pip install 'fusioner[demo]'") from None
     if args.export_space:
-        for path in export_space(Path(args.export_space), args.model):
+        from fusioner.progress import step
+
+        with step(f"writing the Space folder {args.export_space}"):
+            written = export_space(Path(args.export_space), args.model)
+        for path in written:
             print(path)
         return
-    launch(args.model, port=args.port, host=args.host)
+    launch(args.model, port=args.port, host=args.host, share=args.share)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import types
@@ -230,9 +231,15 @@ def config_changes(before: Config, now: Config) -> list[str]:
     return [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items() if k not in RUNTIME_KEYS and old[k] != v]
 
 
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    # Resolving the annotations costs about 10 ms; a 10,000-run sweep coerces some 80,000 values.
+    return typing.get_type_hints(Config)
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or say what was expected."""
-    hint = typing.get_type_hints(Config)[key]
+    hint = _field_types()[key]
     origin = typing.get_origin(hint)
     if isinstance(value, str) and (hint is not str):
         try:  # YAML 1.1 reads "3e-4" as a string; Python's float() does not

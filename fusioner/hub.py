@@ -23,9 +23,10 @@ from fusioner.adapters.registry import check
 from fusioner.config import Config
 from fusioner.errors import ConfigError, DataError, FusionerError, WeightsError
 from fusioner.io import read_json
+from fusioner.metrics_file import Metrics, pct
 from fusioner.model.files import CONFIG_NAME, WEIGHTS_NAME
 from fusioner.model.head import HeadConfig
-from fusioner.run import Metrics, RunDir, pct
+from fusioner.run import RunDir
 
 CARD_NAME = "README.md"
 RANDOM = "random"  # adapters' weights="random": a backbone that cannot be rebuilt identically on load
@@ -134,6 +135,12 @@ def _weights(kind: str, name: str, weights: str | None) -> str:
     return f"default weights, from {check(kind, name).weights}"  # read_run checked the name
 
 
+def _protocol(gzss: dict) -> str:
+    # Which GZSS arithmetic the figures follow (engine/metrics.py): ZegCLIP's VOC protocol ignores
+    # background pixels; background_as_class counts a name painted on background as an error.
+    return f" ({gzss['protocol']})" if gzss.get("protocol") else ""
+
+
 def _metrics_section(metrics: Metrics | None) -> list[str]:
     if not metrics:
         return ["Not evaluated yet (`fusioner eval --model RUN_DIR` writes `metrics.json`)."]
@@ -143,7 +150,8 @@ def _metrics_section(metrics: Metrics | None) -> list[str]:
         "|---|---|---|",
         f"| 1-way, each held-out class queried alone (HSNet) | mIoU | {pct(one.get('miou'))} |",
         f"| | FB-IoU | {pct(one.get('fbiou'))} |",
-        f"| generalized zero-shot, all classes in one pass | mIoU seen | {pct(gz.get('miou_seen'))} |",
+        f"| generalized zero-shot, all classes in one pass{_protocol(gz)} | mIoU seen "
+        f"| {pct(gz.get('miou_seen'))} |",
         f"| | mIoU unseen | {pct(gz.get('miou_unseen'))} |",
         f"| | hIoU | {pct(gz.get('hiou'))} |",
     ]

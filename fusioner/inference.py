@@ -10,11 +10,17 @@
 
 Names are scored in chunks of ``NAMES_PER_PASS`` so memory stays flat with hundreds of names. Both
 fusion rules score every name independently of the others asked with it, so chunking changes no
-number.
+number beyond float rounding. A decoupled head takes every name in one pass (up to
+``DECOUPLED_ATTENTION_BYTES`` of attention): its patch path does not read the names, and running
+it once per chunk cost more than the rest of the head (issue 24).
+
+Evaluation reads the logits at the head's own resolution (:func:`decoder_logits`) and resizes only
+what it scores (fusioner/labels.py): the best name per pixel without ``k`` full-size maps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,9 +28,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from fusioner.config import register_choices
+from fusioner.labels import decide
 from fusioner.methods.registry import call_head
 
 NAMES_PER_PASS = 64
+# A decoupled head's names-per-pass cap: its (n + k)^2 x heads float32 attention scores, at most.
+DECOUPLED_ATTENTION_BYTES = 256 << 20
 
 
 def labels_from_logits(
@@ -42,7 +51,7 @@ def labels_from_logits(
         logits = logits - seen_bias * seen.to(logits.device, logits.dtype)[:, None, None]
     # sigmoid is monotonic: take the max on logits and apply it to one value per pixel, not k.
     best, index = logits.max(dim=1)
-    return torch.where(best.float().sigmoid() >= threshold, index + 1, torch.zeros_like(index))
+    return decide(best, index, threshold)
 
 
 def labels_of(logits: Tensor | list[Tensor], threshold: float) -> Tensor | list[Tensor]:
@@ -61,8 +70,13 @@ def _head_logits(
     text: Tensor,
     image: Tensor | None = None,
     cls: Tensor | None = None,
+    view: int | None = None,
 ) -> Tensor:
     """tokens ``1 n c``, text ``k ct`` -> logits ``1 k h w`` at the decoder's resolution, in chunks.
+
+    A head whose decoder resizes its features (``decoder: released``) scores at ``view x view``
+    instead, the size of the view the tokens came from: the released code resizes the features, not
+    the logits, and the two orders differ (issue 20). Callers resize either result the same way.
 
     The model's refiner (config key ``refine``, fusioner/methods) runs here, on the logits of every
     name at once, so evaluation, ``predict`` and ``FusionerModel.logits`` all see it; ``image``
@@ -71,10 +85,23 @@ def _head_logits(
     """
     tokens = tokens.to(text.device, torch.float32)
     cls = cls.to(text.device, torch.float32) if cls is not None else None
-    chunks = [call_head(model.head, tokens, grid, part[None], cls) for part in text.split(NAMES_PER_PASS)]
+    at = {"size": (view, view)} if view and getattr(model.head, "resizes_features", False) else {}
+    parts = text.split(names_per_pass(model, tokens.shape[1]))
+    chunks = [call_head(model.head, tokens, grid, part[None], cls, **at) for part in parts]
     logits = torch.cat(chunks, dim=1)
     refiner = getattr(model, "refiner", None)
     return logits if refiner is None else refiner(logits, tokens, grid, image)
+
+
+def names_per_pass(model, tokens: int) -> int:
+    """Names per head pass with ``tokens`` patch tokens: all that fit ``DECOUPLED_ATTENTION_BYTES``
+    for a decoupled head (patches never read names, so one pass runs the patch path and the decoder
+    once for every name), else :data:`NAMES_PER_PASS` (a joint head runs one sequence per name)."""
+    config = getattr(getattr(model.head, "_orig_mod", model.head), "config", None)
+    if getattr(config, "fusion_attention", None) != "decoupled":
+        return NAMES_PER_PASS
+    fit = math.isqrt(DECOUPLED_ATTENTION_BYTES // (4 * max(1, int(getattr(config, "heads", 1))))) - tokens
+    return max(NAMES_PER_PASS, fit)
 
 
 def _square(image: Tensor, size: int) -> Tensor:
@@ -87,12 +114,13 @@ def _encode(model, image: Tensor) -> tuple[Tensor, tuple[int, int], Tensor | Non
     return out.tokens, out.grid, out.cls
 
 
-def fixed_logits(
+def decoder_logits(
     model, image: Tensor, text: Tensor, size: int, tokens: Tensor | None = None, cls: Tensor | None = None
 ) -> Tensor:
-    """image ``3 H W``, text ``k ct`` -> logits ``k H W``; ``tokens`` ``gh gw c`` and ``cls`` ``c``:
-    cached features."""
-    h, w = image.shape[-2:]
+    """Fixed mode before the last resize: image ``3 H W``, text ``k ct`` -> logits ``k h' w'`` at
+    the head's resolution (the decoder's, or ``size x size`` for a head that resizes features);
+    :func:`fixed_logits` resizes them to ``H W``. ``tokens`` ``gh gw c`` and ``cls`` ``c``: cached
+    features."""
     # Cached tokens need no resized image, unless the refiner runs a backbone of its own on it.
     wants_view = tokens is None or getattr(getattr(model, "refiner", None), "vision", None) is not None
     square = _square(image, size) if wants_view else None
@@ -101,8 +129,17 @@ def fixed_logits(
         cls = cls[None] if cls is not None else None
     else:
         flat, grid, cls = _encode(model, square)
-    logits = _head_logits(model, flat, grid, text, square, cls)  # at the decoder's resolution: resized once
-    return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0]
+    # At the decoder's resolution (or the view's, see _head_logits): resized once, by the caller.
+    return _head_logits(model, flat, grid, text, square, cls, size)[0]
+
+
+def fixed_logits(
+    model, image: Tensor, text: Tensor, size: int, tokens: Tensor | None = None, cls: Tensor | None = None
+) -> Tensor:
+    """image ``3 H W``, text ``k ct`` -> logits ``k H W``; ``tokens`` ``gh gw c`` and ``cls`` ``c``:
+    cached features."""
+    logits = decoder_logits(model, image, text, size, tokens, cls)
+    return F.interpolate(logits[None], size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0]
 
 
 def _windows(image: Tensor, size: int) -> tuple[Tensor, list[int], list[int]]:
@@ -130,7 +167,7 @@ def sliding_logits(
         for x in xs:
             window = padded[None, :, y : y + size, x : x + size]
             flat, grid, window_cls = _encode(model, window)
-            logits = _head_logits(model, flat, grid, text, window, window_cls)
+            logits = _head_logits(model, flat, grid, text, window, window_cls, size)
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
             total[:, y : y + size, x : x + size] += logits[0].float()
             count[:, y : y + size, x : x + size] += 1
@@ -223,12 +260,13 @@ def argmax_labels(
         # apart, so the chunks change no number.
         if mode == "fixed":
             square, (flat, grid, cls), _ = views[0]
-            logits = _head_logits(model, flat, grid, part, square, cls)[0]  # c gh' gw', the decoder's resolution
+            # c gh' gw', the decoder's resolution (or the view's, see _head_logits)
+            logits = _head_logits(model, flat, grid, part, square, cls, size)[0]
         else:
             logits = torch.zeros(part.shape[0], *padded_size, device=text.device)
             count = torch.zeros(1, *padded_size, device=text.device)
             for view, (flat, grid, cls), (y, x) in views:
-                window = _head_logits(model, flat, grid, part, view, cls)
+                window = _head_logits(model, flat, grid, part, view, cls, size)
                 window = F.interpolate(window, size=(size, size), mode="bilinear", align_corners=False)
                 logits[:, y : y + size, x : x + size] += window[0].float()
                 count[:, y : y + size, x : x + size] += 1

@@ -7,6 +7,8 @@ lines instead of megabytes of carriage returns.
 
 from __future__ import annotations
 
+import io
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -52,3 +54,65 @@ class Counter:
         elif final or now - self.last >= self.every:
             say(line, self.stream)
             self.last = now
+
+
+class PlainLines(io.TextIOBase):
+    """A text stream for logs: progress bars' carriage-return redraws become a plain line at most
+    every ``every`` seconds (and their final state); every other line passes through unchanged."""
+
+    def __init__(self, stream: TextIO, every: float = 10.0) -> None:
+        super().__init__()
+        self.stream, self.every = stream, every
+        self.line = ""  # the text since the last line break or carriage return
+        self.latest = ""  # the newest redraw not yet printed
+        self.last = -float("inf")
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def _emit(self, line: str) -> None:
+        self.stream.write(line.rstrip() + "\n")
+        self.stream.flush()
+        self.last = time.monotonic()
+
+    def write(self, text: str) -> int:
+        for piece in re.split(r"(\r|\n)", text):
+            if piece == "\r":  # a bar redraws its line: keep the newest, print it when one is due
+                if self.line.strip():
+                    self.latest = self.line
+                    if time.monotonic() - self.last >= self.every:
+                        self._emit(self.line)
+                        self.latest = ""
+                self.line = ""
+            elif piece == "\n":
+                if self.line.strip() or not self.latest:
+                    self._emit(self.line)
+                else:  # a bar that ended on a redraw: its final state
+                    self._emit(self.latest)
+                self.line = self.latest = ""
+            else:
+                self.line += piece
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextmanager
+def plain_progress(every: float = 10.0) -> Iterator[None]:
+    """While inside, stderr that is not a terminal gets :class:`PlainLines` (restored on exit)."""
+    original = sys.stderr
+    if original is None or original.isatty():
+        yield
+        return
+    sys.stderr = PlainLines(original, every)
+    try:
+        yield
+    finally:
+        pending = sys.stderr
+        sys.stderr = original
+        if isinstance(pending, PlainLines) and (pending.line.strip() or pending.latest):
+            pending._emit(pending.line if pending.line.strip() else pending.latest)

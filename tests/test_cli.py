@@ -204,7 +204,7 @@ def test_predict_seen_bias_defaults_to_the_runs_calibration(run_dir, tmp_path, v
         (["--treshold", "0.3"], "unknown option(s): --treshold"),
         (["--mode", "best"], "invalid choice: 'best'"),
         (["--threshold", "1.5"], "threshold must be between 0 and 1"),
-        (["--refine", "crf"], "invalid choice: 'crf'"),
+        (["--refine", "crf"], "refinement must be one of none, spectral"),
         (["stray"], "unexpected arguments: stray"),
     ],
 )
@@ -239,6 +239,12 @@ def test_a_class_name_with_a_line_break_is_refused(run_dir, tmp_path, voc_folder
         check_names(["person", "sky\u2028tree"])  # the Python path too, any line separator
 
 
+def test_the_command_lines_choices_are_the_librarys():
+    from fusioner import cli, decide, inference
+
+    assert cli.RULES == tuple(decide.RULES) and cli.MODES == tuple(inference.MODES)
+
+
 def test_version_flag_prints_the_installed_version(capsys):
     from importlib.metadata import version
 
@@ -246,3 +252,34 @@ def test_version_flag_prints_the_installed_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"fusioner {version('fusioner')}"
+
+
+def test_progress_bars_in_a_log_become_a_few_plain_lines():
+    """Issue 22 item 7: a bar redrawn 2,000 times leaves a handful of lines, no carriage returns."""
+    import io
+    import time
+
+    from tqdm import tqdm
+
+    from fusioner.progress import PlainLines
+
+    log = io.StringIO()
+    stream = PlainLines(log, every=0.05)
+    print("a plain line", file=stream)
+    for _ in tqdm(range(2000), file=stream, mininterval=0, desc="caching"):
+        time.sleep(0.0001)
+    text = log.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[0] == "a plain line"
+    assert 2 <= len(lines) < 40, lines  # periodic, not one per redraw
+    assert "2000/2000" in lines[-1]  # the final state is there
+
+
+def test_predict_over_several_images_says_how_far_it_is(run_dir, tmp_path, voc_folder, capsys):
+    images = sorted((voc_folder / "images").glob("*.jpg"))[:3]
+    code, _, err = _predict(
+        [*map(str, images), "--model", str(run_dir), "--classes", "cat", "--out", str(tmp_path / "o")], capsys
+    )
+    assert code == 0
+    assert "predict 3/3" in err and "\r" not in err  # capsys is no terminal: plain lines

@@ -137,7 +137,7 @@ def test_spectral_refinement_can_be_chosen_per_request_and_leaves_the_model_as_s
         raw = segment(model, im, NAMES, Settings(threshold=0.5))
         refined = segment(model, im, NAMES, Settings(threshold=0.5, refine="spectral"))
         again = segment(model, im, NAMES, Settings(threshold=0.5, refine="none"))
-        with pytest.raises(FusionerError, match="refinement must be one of none, spectral, got 'crf'"):
+        with pytest.raises(FusionerError, match=r"refinement must be one of none, spectral.*, got 'crf'"):
             segment(model, im, NAMES, Settings(threshold=0.5, refine="crf"))
     assert not np.allclose(raw.probabilities, refined.probabilities)  # the eigen-segments moved them
     np.testing.assert_array_equal(raw.probabilities, again.probabilities)
@@ -183,44 +183,103 @@ def _fetch_image(page, img) -> Image.Image:
     return Image.open(io.BytesIO(response.body()))
 
 
+TWELVE = "skin, hair, shirt, jeans, shoes, dress, bag, coat, sunglasses, skirt, socks, hat"
+
+
+def _inside(inner: dict, outer: dict) -> bool:
+    return (
+        inner["y"] >= outer["y"] - 1
+        and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 1
+        and inner["x"] >= outer["x"] - 1
+    )
+
+
 def test_browser_uploads_a_photo_types_names_and_gets_overlay_legend_and_label_map(server):
+    """The page as a user drives it (issue 22 item 6): a coloured label map and its raw download, the
+    legend once, names on their regions, every heat map shown, presets, a 12-name legend, and an
+    error that replaces the previous result. Screenshots: label-map.png, legend-12-names.png,
+    error-after-result.png in ARTIFACTS."""
     sync_api = pytest.importorskip("playwright.sync_api")
+    from fusioner.demo.segment import preset_names
+    from fusioner.visualize import palette
+
     photo = ccp_photo()
     with Image.open(photo) as im:
         width, height = im.size
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shot = ARTIFACTS / "demo.png"
+    segment_button = None
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
             page.goto(server)
+            segment_button = page.get_by_role("button", name="Segment")
+            status = page.locator("#status")
             # No names yet: a message in the page, no result.
             page.locator("#image input[type=file]").set_input_files(str(photo))
-            page.get_by_role("button", name="Segment").click()
-            sync_api.expect(page.get_by_text("type at least one name").first).to_be_visible(timeout=30_000)
+            segment_button.click()
+            sync_api.expect(status).to_contain_text("type at least one name", timeout=30_000)
 
             page.get_by_label("names (comma-separated)").fill(", ".join(NAMES))
-            page.get_by_role("button", name="Segment").click()
-            overlay_img = page.locator("#overlay img")
-            overlay_img.wait_for(state="visible", timeout=60_000)
-            labels_img = page.locator("#labels img")
+            segment_button.click()
+            sync_api.expect(status).to_contain_text(f"{len(NAMES)} names", timeout=60_000)
+            overlay_img, labels_img = page.locator("#overlay img"), page.locator("#labels img")
             labels_img.wait_for(state="visible", timeout=30_000)
-            sync_api.expect(page.locator("#status")).to_contain_text(f"{len(NAMES)} names", timeout=30_000)
-            page.screenshot(path=str(shot), full_page=True)
-            print(f"\nscreenshot of the demo: {shot}")
+            page.screenshot(path=str(ARTIFACTS / "label-map.png"), full_page=True)
+            print(f"\nscreenshots of the demo in {ARTIFACTS}")
 
             overlay = _fetch_image(page, overlay_img)
-            assert overlay.width == width and overlay.height >= height  # the legend is drawn below
-            labels = np.asarray(_fetch_image(page, labels_img))
-            assert labels.shape == (height, width)
-            assert len(np.unique(labels)) > 1, np.unique(labels)
-            assert set(np.unique(labels).tolist()) <= set(range(len(NAMES) + 1))
+            assert overlay.size == (width, height)  # the legend is the page's, not drawn in the picture
+            raw_link = page.locator("#raw a").first
+            raw = Image.open(io.BytesIO(page.request.get(raw_link.get_attribute("href")).body()))
+            assert raw.mode == "L" and raw.size == (width, height)
+            values = np.asarray(raw)
+            assert len(np.unique(values)) > 1 and set(np.unique(values).tolist()) <= set(
+                range(len(NAMES) + 1)
+            )
+            shown = np.asarray(_fetch_image(page, labels_img).convert("RGB"))
+            np.testing.assert_array_equal(shown, palette(len(NAMES))[values])  # coloured, not near-black
             legend = page.locator("#legend").inner_text()
+            found = [NAMES[v - 1] for v in np.unique(values).tolist() if v]
             assert all(name in legend for name in NAMES), legend
+            assert page.locator(".fusioner-legend").count() == 1
+            assert page.locator(".fusioner-legend-item").count() == len(found)
             table = page.locator("#shares").inner_text()
             assert all(name in table for name in ["background", *NAMES]), table
-            assert page.locator("#heatmaps img").count() >= len(NAMES)
+            # Every heat map shows (five at four a row: the second row is not clipped).
+            thumbs = page.locator("#heatmaps img")
+            assert thumbs.count() == len(NAMES)
+            gallery_box = page.locator("#heatmaps").bounding_box()
+            thumbs.nth(len(NAMES) - 1).scroll_into_view_if_needed()
+            gallery_box = page.locator("#heatmaps").bounding_box()
+            assert _inside(thumbs.nth(len(NAMES) - 1).bounding_box(), gallery_box)
+
+            # A preset fills the names box with a shipped benchmark vocabulary.
+            page.locator("#preset input").click()
+            page.get_by_role("option", name="VOC-20").click()
+            sync_api.expect(page.get_by_label("names (comma-separated)")).to_have_value(
+                preset_names("VOC-20"), timeout=30_000
+            )
+
+            # Twelve names at a low threshold: twelve colours to tell apart in the legend.
+            page.get_by_label("names (comma-separated)").fill(TWELVE)
+            page.locator("#threshold input[type=number]").fill("0.1")
+            page.locator("#threshold input[type=number]").press("Enter")
+            segment_button.click()
+            sync_api.expect(status).to_contain_text("12 names", timeout=60_000)
+            page.locator("#legend").scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "legend-12-names.png"), full_page=True)
+            assert page.locator(".fusioner-legend-item").count() >= 3
+
+            # A mistake after a result: one message, and the old result is gone.
+            page.get_by_label("names (comma-separated)").fill("skin, skin")
+            segment_button.click()
+            sync_api.expect(status).to_contain_text("given more than once: skin", timeout=30_000)
+            sync_api.expect(page.locator("#overlay img")).to_have_count(0, timeout=30_000)
+            sync_api.expect(page.locator("#labels img")).to_have_count(0)
+            assert page.locator(".fusioner-legend").count() == 0
+            assert "12 names" not in status.inner_text()
+            page.screenshot(path=str(ARTIFACTS / "error-after-result.png"), full_page=True)
 
             # An example row fills the image and the names; Segment runs on them.
             if (CCP / "images" / "0002.jpg").is_file():
@@ -229,11 +288,12 @@ def test_browser_uploads_a_photo_types_names_and_gets_overlay_legend_and_label_m
                 sync_api.expect(page.get_by_label("names (comma-separated)")).to_have_value(
                     "skin, hair, dress, bag", timeout=30_000
                 )
-                page.get_by_role("button", name="Segment").click()
-                sync_api.expect(page.locator("#status")).to_contain_text("4 names", timeout=60_000)
+                segment_button.click()
+                sync_api.expect(status).to_contain_text("4 names", timeout=60_000)
         finally:
             browser.close()
-    assert shot.stat().st_size > 10_000
+    for shot in ("label-map.png", "legend-12-names.png", "error-after-result.png"):
+        assert (ARTIFACTS / shot).stat().st_size > 10_000
 
 
 # -- the API -----------------------------------------------------------------------------------------
@@ -241,18 +301,24 @@ def test_api_endpoint_returns_overlay_table_and_label_map(client):
     from gradio_client import handle_file
 
     photo = ccp_photo()
-    overlay, legend, heatmaps, shares, labels, status = client.predict(
+    overlay, legend, heatmaps, shares, labels, raw, status = client.predict(
         image=handle_file(str(photo)),
         names=", ".join(NAMES),
         threshold=0.5,
         mode="fixed",
         api_name="/segment",
     )
-    with Image.open(photo) as im, Image.open(overlay) as ov, Image.open(labels) as lab:
-        assert ov.width == im.width
+    with Image.open(photo) as im, Image.open(overlay) as ov, Image.open(raw) as lab:
+        assert ov.size == im.size  # the legend is the page's text, not drawn a second time
         assert lab.size == im.size and lab.mode == "L"
         values = np.asarray(lab)
     assert len(np.unique(values)) > 1
+    # The label map shown is in the legend's colours, the raw one is the download.
+    from fusioner.visualize import palette
+
+    with Image.open(labels) as shown:
+        colours = np.asarray(shown.convert("RGB"))
+    np.testing.assert_array_equal(colours, palette(len(NAMES))[values])
     assert [row[0] for row in shares["data"]] == ["background", *NAMES]
     assert all(isinstance(row[1], float) for row in shares["data"])
     assert [h["caption"].split(" (")[0] for h in heatmaps] == NAMES
@@ -283,7 +349,25 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(
         client.predict(image=image, names=names, api_name="/segment")
     assert "Traceback" not in str(error.value)
     result = client.predict(image=handle_file(str(ccp_photo())), names="skin, hair", api_name="/segment")
-    assert result[5].startswith("2 names")
+    assert result[-1].startswith("2 names")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seen_bias": "nan"}, "seen_bias must be a finite number"),
+        ({"threshold": "abc"}, "threshold must be a number, got 'abc'"),
+        ({"names": 123}, "names must be text"),
+        ({"names": "sky\nperson"}, "holds a line break"),
+    ],
+)
+def test_api_values_are_validated_with_one_message(client, kwargs, message):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    request = {"image": handle_file(str(ccp_photo())), "names": "skin, hair", **kwargs}
+    with pytest.raises(AppError, match=message):
+        client.predict(**request, api_name="/segment")
 
 
 # -- no model, the command, the Space ----------------------------------------------------------------
@@ -313,10 +397,58 @@ def test_demo_command_serves_the_page_and_says_how_long_it_took_to_start(run_dir
         assert page is not None, f"fusioner demo did not answer: {process.poll()=}"
         print(f"\nfusioner demo answered after {elapsed:.1f} s")
         assert "fusioner demo" in page  # the page's title
+        # A user mistake through the API: one line on the server's console, no traceback.
+        from gradio_client import Client, handle_file
+        from gradio_client.exceptions import AppError
+
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        with pytest.raises(AppError, match="given more than once"):
+            client.predict(image=handle_file(str(ccp_photo())), names="skin, skin", api_name="/segment")
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert "Traceback" not in output, output
+    assert "loading model" in output  # the slow start says what it does (issue 22 item 7)
+    refused = [line for line in output.splitlines() if "given more than once" in line]
+    assert len(refused) == 1 and "refused a request" in refused[0], output
+
+
+def test_demo_share_flag_reaches_gradio(monkeypatch):
+    import fusioner.demo
+
+    called = {}
+    monkeypatch.setattr(fusioner.demo, "launch", lambda source, **kw: called.update(source=source, **kw))
+    assert main(["demo", "--model", "m", "--share"]) == 0
+    assert called == {"source": "m", "port": 7860, "host": "127.0.0.1", "share": True}
+
+
+def test_palette_is_perceptually_spaced_for_30_names_and_the_legend_scales_with_the_picture():
+    from fusioner.visualize import _srgb_to_lab, overlay, palette
+
+    lab = _srgb_to_lab(palette(30)[1:].astype(float))
+    gaps = np.linalg.norm(lab[:, None] - lab[None], axis=2) + np.eye(30) * 1e9
+    assert gaps.min() > 20  # CIE76 distance: about 2.3 is the smallest visible difference
+    assert np.array_equal(palette(30)[:6], palette(5))  # a name keeps its colour as names are added
+    labels = np.zeros((300, 400), dtype=np.int64)
+    labels[:100, :100] = 1
+    small = overlay(np.zeros((300, 400, 3), np.uint8), labels, ["dress"])
+    big_labels = np.kron(labels, np.ones((10, 10), dtype=np.int64))
+    big = overlay(np.zeros((3000, 4000, 3), np.uint8), big_labels, ["dress"])
+    # The legend strip grows with the picture (a 34 px strip under 4,000 px was unreadable).
+    assert big.height - 3000 >= 100 and big.height - 3000 >= 4 * (small.height - 300)
+    # Names written on their regions: the region holds the text's white pixels.
+    named = np.asarray(overlay(np.zeros((300, 400, 3), np.uint8), labels, ["dress"], label_segments=True))
+    assert (named[:100, :100] == 255).all(axis=2).any() and not (named[150:300] == 255).all(axis=2).any()
+
+
+def test_presets_are_the_shipped_name_lists():
+    from fusioner.data.ov.base import read_names
+    from fusioner.demo.segment import PRESETS, preset_names
+
+    assert set(PRESETS) == {"VOC-20", "PC-59", "ADE-150", "COCO-Stuff-171"}
+    for label, key in PRESETS.items():
+        names = parse_names(preset_names(label))
+        assert names == list(read_names(key)) and len(names) == int(label.split("-")[-1])
 
 
 def test_demo_command_refuses_stray_arguments(capsys):

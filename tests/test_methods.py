@@ -132,7 +132,7 @@ def test_deep_prompts_refuse_the_cache_and_non_vit_backbones():
     config = load_config(
         None, method="zegclip", deep_prompts=4, use_cache=False, preset="tiny", image_size=64
     )
-    with pytest.raises(FusionerError, match="needs a timm ViT backbone"):
+    with pytest.raises(FusionerError, match="needs a CLIP or timm ViT backbone"):
         FusionerModel.from_config(config)
 
 

@@ -302,3 +302,82 @@ def test_the_eigen_masks_are_computed_once_per_image_not_per_chunk_of_names(monk
     for _ in range(3):
         refiner(torch.randn(1, 2, 12, 16), tokens, (6, 8))
     assert len(calls) == 1
+
+
+# -- the CLS token through the cache and the inference path ------------------------------------------
+def test_the_cache_stores_each_items_clip_cls_and_zegclip_reads_it_like_a_fresh_encoding(
+    voc_folder, tmp_path, tiny_clip
+):
+    from fusioner.data.folder import FolderDataset
+    from fusioner.data.transforms import resize
+    from fusioner.engine.cache import FeatureCache, cache_key, fill_cache
+    from fusioner.inference import image_logits
+
+    vision, text = tiny_clip
+    dataset = FolderDataset(voc_folder, "val")
+    cache = FeatureCache(tmp_path, cache_key(vision, 64, "folder:test", dataset.vocabulary))
+    fill_cache(cache, vision, dataset, 64, batch_size=2, progress=False)
+    sample = resize(dataset[0], 64)
+    item = cache.read(sample["id"])
+    fresh = vision(sample["image"][None])
+    assert item.cls is not None and item.cls.shape == (vision.embed_dim,)
+    torch.testing.assert_close(item.cls.float(), fresh.cls[0], rtol=2e-3, atol=2e-3)  # stored as fp16
+
+    model = type("Model", (), {})()  # what inference.py reads of a model: vision, head, refiner
+    model.vision, model.head, model.refiner = vision, _zegclip().eval(), None
+    names = text(["cat", "dog"])
+    with torch.no_grad():
+        cached = image_logits(model, sample["image"], names, size=64, tokens=item.tokens.float(), cls=item.cls.float())
+        computed = image_logits(model, sample["image"], names, size=64)
+    torch.testing.assert_close(cached, computed, rtol=2e-2, atol=2e-2)
+
+
+# -- ZegCLIP's deep prompts inside CLIP ------------------------------------------------------------------
+def _prompted_clip(tiny_clip, tokens: int = 3):
+    from types import SimpleNamespace
+
+    from fusioner.methods.zegclip import _config
+
+    vision, text = tiny_clip
+    settings = SimpleNamespace(
+        dim=32, heads=4, mlp_ratio=4.0, temperature=0.07, deep_prompts=tokens, vision="clip_vitb16"
+    )
+    torch.manual_seed(0)
+    head = ZegCLIPHead(_config(settings, vision, text))
+    return head, head.attach(vision)
+
+
+def test_zegclip_prompts_in_clip_are_projected_placed_after_cls_and_replaced_at_every_layer(tiny_clip):
+    head, prompted = _prompted_clip(tiny_clip)
+    head.eval()  # no dropout: the inserted prompts are exactly proj(prompts[i])
+    parts = head.clip_prompts
+    assert head.config.prompt_style == "zegclip" and parts.prompts.shape == (2, 3, 64)
+    bound = math.sqrt(6 / (3 * 16 * 16 + 64))
+    assert parts.prompts.abs().max() <= bound
+    seen, post_inputs = [], []
+    blocks = prompted.inner.visual.transformer.resblocks
+    hooks = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())) for b in blocks]
+    hooks.append(prompted.inner.visual.ln_post.register_forward_pre_hook(lambda _m, a: post_inputs.append(a[0])))
+    out = prompted(torch.rand(1, 3, 64, 64))
+    for hook in hooks:  # the fixture's tower is shared with the other tests
+        hook.remove()
+    for i, x in enumerate(seen):
+        assert x.shape[1] == 1 + 3 + 16  # class token, this layer's prompts, the patches
+        torch.testing.assert_close(x[0, 1:4], parts.proj(parts.prompts[i]))
+    last = blocks[-1](seen[-1])
+    torch.testing.assert_close(post_inputs[0], parts.norm(last))  # prompt norm, then CLIP's ln_post
+    assert out.tokens.shape == (1, 16, 32) and out.cls.shape == (1, 32)
+
+
+def test_zegclip_prompts_train_and_leave_clip_bit_identical(tiny_clip):
+    head, prompted = _prompted_clip(tiny_clip)
+    backbone = {k: v.clone() for k, v in prompted.inner.state_dict().items()}
+    before = prompted.fingerprint()
+    out = prompted(torch.rand(2, 3, 64, 64))
+    names = tiny_clip[1](["cat", "dog"])
+    head(out.tokens, out.grid, names, cls=out.cls).sum().backward()
+    parts = head.clip_prompts
+    assert all(p.grad is not None for p in (parts.prompts, parts.proj.weight, parts.norm.weight))
+    torch.optim.SGD(head.parameters(), lr=1.0).step()
+    assert all(torch.equal(v, backbone[k]) for k, v in prompted.inner.state_dict().items())
+    assert prompted.fingerprint() != before  # tokens cached under the old prompts are never reused

@@ -58,3 +58,25 @@ def test_every_design_of_the_methods_sweep_trains_a_step_and_evaluates_on_tiny_c
         assert main(["eval", "--model", str(run.config.out_dir)]) == 0, run.name
         metrics = json.loads((Path(run.config.out_dir) / "metrics.json").read_text())
         assert "gzss" in metrics, run.name
+
+
+def test_zegclip_with_its_clip_prompts_trains_uncached_and_saves_them(voc_folder, tmp_path, tiny_clip_adapters):
+    import dataclasses
+
+    import torch
+
+    from fusioner.engine.train import train
+    from fusioner.model import FusionerModel
+
+    overrides = [
+        f"data_path={voc_folder}", "unseen_classes=[cow, sheep]", "image_size=64", "batch_size=2",
+        "epochs=1", "max_steps=2", "warmup_steps=0", "num_negatives=2", "shuffle_names=false",
+        "eval_split=val", "vision_weights=random", "text_weights=random", "method=zegclip",
+    ]  # fmt: skip
+    run = load_sweep(SWEEP, overrides, out=tmp_path / "sweep").runs[0]
+    config = dataclasses.replace(run.config, deep_prompts=2, use_cache=False)
+    result = train(config)
+    assert result.steps == 2
+    prompts = result.model.head.clip_prompts.prompts
+    loaded = FusionerModel.from_pretrained(Path(config.out_dir) / "model")
+    assert torch.equal(loaded.head.clip_prompts.prompts, prompts.detach().cpu())

@@ -228,6 +228,13 @@ def test_each_paper_config_builds_exactly_the_released_head(name, config):
         k: tuple(v.shape) for k, v in released.items()
     }
     assert (d, depth, config.heads) == (512, 12, 8)
+    # what no shape shows: LayerNorm eps 1e-5 everywhere (timm's blocks default to 1e-6), bias-free
+    # output projections, the class embedding drawn as nn.Embedding's N(0, 1)
+    norms = [m for m in ours.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 3 + 1 + 2 * depth and all(m.eps == 1e-5 for m in norms)
+    assert ours.fusion.visual_out.bias is None and ours.fusion.class_out.bias is None
+    assert 0.8 < ours.fusion.class_embed.std().item() < 1.2
+    assert ours.config.normalize_tokens and ours.resizes_features
 
 
 def test_normalised_tokens_are_normalised_in_the_head_so_cached_tokens_get_it():
@@ -248,6 +255,30 @@ def test_released_head_resizes_features_not_logits():
     assert head.resizes_features
     assert features_first.shape == logits_first.shape == (1, 1, 21, 35)
     assert (features_first - logits_first).abs().max() > 1e-3  # the order matters, and is the released one
+
+
+@pytest.mark.parametrize("mode", ["fixed", "sliding"])
+def test_inference_scores_a_released_head_at_the_view_size(mode):
+    """Evaluation and predict keep the released order: features reach the view's size, then scores."""
+    from types import SimpleNamespace
+
+    from fusioner.inference import image_logits
+
+    head = head_from_released(_random_released(seed=15), heads=4)
+    tokens = torch.randn(1, 16, 12)
+
+    def vision(pixels):  # a stub backbone: a 4 x 4 grid of fixed tokens for a 64 x 64 view
+        assert pixels.shape[-2:] == (64, 64)
+        return SimpleNamespace(tokens=tokens, grid=(4, 4), cls=None)
+
+    model = SimpleNamespace(head=head, vision=vision, refiner=None)
+    text = torch.randn(2, 10)
+    image = torch.rand(3, 64, 64) if mode == "sliding" else torch.rand(3, 50, 70)
+    with torch.no_grad():
+        got = image_logits(model, image, text, size=64, mode=mode)
+        scored = head(tokens, (4, 4), text[None], size=(64, 64))
+    expected = F.interpolate(scored, size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+    assert (got - expected).abs().max() < 1e-5
 
 
 def test_decoder_paper_is_refused_for_new_runs_but_saved_heads_still_load():

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from fusioner.errors import DataError, FusionerError
-from fusioner.run import DONE, FAILED, PARTIAL, PENDING, TRAINED, Metrics, RunDir, pct
+from fusioner.metrics_file import pct
+from fusioner.run import DONE, FAILED, PARTIAL, PENDING, TRAINED, Metrics, RunDir
 
 METRICS = {
     "one_way": {"miou": 0.41234, "fbiou": 0.6},

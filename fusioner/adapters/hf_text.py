@@ -112,8 +112,11 @@ def load_hf(name: str, weights: str, **overrides: Any) -> tuple[nn.Module, Any]:
     hint = f"download it elsewhere (hf download {location} --local-dir DIR) and pass weights=DIR"
     options = {"revision": revision, "trust_remote_code": False, "local_files_only": W.is_offline()}
     with W.fetching(name, location, hint):
-        tokenizer = AutoTokenizer.from_pretrained(location, **options)
-        model = AutoModel.from_pretrained(location, **options, **overrides)
+        cached = _from_cache(location, options, overrides)
+        tokenizer, model = cached or (
+            AutoTokenizer.from_pretrained(location, **options),
+            AutoModel.from_pretrained(location, **options, **overrides),
+        )
     if not hasattr(model.config, "hidden_size"):
         raise WeightsError(
             f"{name}: {location} is not a text encoder with a hidden_size (got {type(model).__name__})"
@@ -121,16 +124,39 @@ def load_hf(name: str, weights: str, **overrides: Any) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
+def _from_cache(location: str, options: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any] | None:
+    """Tokenizer and model of a Hub id built from the local cache alone; None unless all is cached.
+
+    Without network and without HF_HUB_OFFLINE, transformers asks the Hub for every optional
+    tokenizer file and waits out each timeout (70-140 s for a model that is fully cached). The timm
+    and open_clip paths read the cache first; so does this one, and goes online only for a miss.
+    """
+    if Path(location).is_dir() or options["local_files_only"]:
+        return None
+    local = {**options, "local_files_only": True}
+    try:
+        return (
+            AutoTokenizer.from_pretrained(location, **local),
+            AutoModel.from_pretrained(location, **local, **overrides),
+        )
+    except (OSError, ValueError):  # not (all) in the cache: fetch what is missing
+        return None
+
+
 def _read_json(location: str, filename: str, revision: str | None) -> Any:
     """``filename`` of a folder or Hub repo as JSON; None when it is absent or cannot be fetched."""
     if Path(location).is_dir():
         path = Path(location) / filename
     else:
-        try:
-            path = Path(
-                hf_hub_download(location, filename, revision=revision, local_files_only=W.is_offline())
-            )
-        except (HfHubHTTPError, OSError, ValueError):  # not there, offline, or not a repo
+        path = None
+        # The cache first (see _from_cache), the Hub only for a miss.
+        for local in dict.fromkeys((True, W.is_offline())):
+            try:
+                path = Path(hf_hub_download(location, filename, revision=revision, local_files_only=local))
+                break
+            except (HfHubHTTPError, OSError, ValueError):  # not there, offline, or not a repo
+                continue
+        if path is None:
             return None
     return json.loads(path.read_text()) if path.is_file() else None
 

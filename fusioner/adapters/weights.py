@@ -203,7 +203,9 @@ def load_state_dict(model: str, path: str | Path) -> dict[str, Tensor]:
             checkpoint = load_file(str(path), device="cpu")
         else:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as e:
+    # A file that is no checkpoint at all (/etc/passwd) makes the weights-only unpickler fail in
+    # any of its stack operations: IndexError, EOFError, KeyError... all mean "not a checkpoint".
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, IndexError, EOFError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(
             f"{model}: cannot read {path} as safetensors or a weights-only torch checkpoint ({first[:200]})"

@@ -98,7 +98,14 @@ class FolderDataset(ListDataset):
             if p.stem in images:
                 raise DataError(f"two images are named {p.stem!r}: {images[p.stem]} and {p}")
             images[p.stem] = p
-        masks = {p.stem for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
+        # The mask's own file name: masks/x.PNG pairs with images/x.jpg, and is then read as x.PNG.
+        self._masks: dict[str, Path] = {}
+        for p in sorted(mask_dir.iterdir()):
+            if p.suffix.lower() == ".png":
+                if p.stem in self._masks:
+                    raise DataError(f"two masks are named {p.stem!r}: {self._masks[p.stem]} and {p}")
+                self._masks[p.stem] = p
+        masks = set(self._masks)
         unmasked = sorted(set(images) - masks)
         if unmasked:
             raise DataError(
@@ -109,7 +116,7 @@ class FolderDataset(ListDataset):
         if orphans:
             raise DataError(
                 f"{len(orphans)} masks have no image in {image_dir}: "
-                + ", ".join(str(mask_dir / f"{n}.png") for n in orphans[:5])
+                + ", ".join(str(self._masks[n]) for n in orphans[:5])
             )
         if not images:
             raise DataError(f"{image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -135,7 +142,7 @@ class FolderDataset(ListDataset):
         return self._images[id]
 
     def mask_path(self, id: str) -> Path:
-        return self.root / "masks" / f"{id}.png"
+        return self._masks[id]
 
 
 @register_dataset("folder")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import html
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,9 +20,9 @@ from PIL import Image
 from fusioner.calibration import Calibration, read_calibration  # noqa: F401 (app.py and tests import it here)
 from fusioner.decide import refiner_as, refiner_name  # noqa: F401 (app.py imports refiner_name here)
 from fusioner.errors import FusionerError
+from fusioner.inference import MODES, labels_from_logits
 from fusioner.inputs import check_name
 from fusioner.io import atomic_save_png
-from fusioner.inference import MODES, labels_from_logits
 from fusioner.model import FusionerModel
 from fusioner.predict import MAX_NAMES
 from fusioner.visualize import colour_labels, overlay, palette

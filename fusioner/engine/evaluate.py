@@ -40,7 +40,8 @@ from fusioner.engine.cache import FeatureCache
 from fusioner.engine.metrics import GZSSMeter, OneWayMeter, check_gzss_protocol, one_way_foreground
 from fusioner.errors import ConfigError
 from fusioner.eval_output import metrics_target, write_metrics
-from fusioner.inference import image_logits, labels_from_logits
+from fusioner.inference import decoder_logits, image_logits
+from fusioner.labels import ImageScores
 from fusioner.model import FusionerModel
 from fusioner.run import RunDir
 
@@ -72,14 +73,18 @@ def _target(sample, index: dict[str, int], device: torch.device) -> Tensor:
 
 
 class _Scorer:
-    """Logits of one sample over a vocabulary, from cached tokens when the cache holds them."""
+    """Logits of one sample over a vocabulary, from cached tokens when the cache holds them.
+
+    In fixed mode they stay at the head's resolution (:class:`ImageScores` resizes what is scored:
+    the best name per pixel without ``v`` full-size maps, exactly, fusioner/labels.py).
+    """
 
     def __init__(self, model, names: list[str], settings: EvalSettings, cache: FeatureCache | None) -> None:
         self.model, self.settings, self.cache = model, settings, cache
         self.device = next(model.head.parameters()).device
         self.text = model.text(names).to(self.device)  # v ct
 
-    def __call__(self, sample, rows: list[int] | None = None) -> Tensor:
+    def __call__(self, sample, rows: list[int] | None = None) -> ImageScores:
         tokens = cls = None
         if self.cache is not None and self.settings.mode == "fixed" and sample["id"] in self.cache:
             item = self.cache.read(sample["id"])
@@ -87,9 +92,11 @@ class _Scorer:
             cls = item.cls.to(self.device) if item.cls is not None else None
         text = self.text if rows is None else self.text[rows]
         image = sample["image"].to(self.device)
-        return image_logits(
-            self.model, image, text, size=self.settings.image_size, mode=self.settings.mode, tokens=tokens, cls=cls
-        )
+        size = tuple(image.shape[-2:])
+        if self.settings.mode == "fixed":
+            return ImageScores(decoder_logits(self.model, image, text, self.settings.image_size, tokens, cls), size)
+        logits = image_logits(self.model, image, text, size=self.settings.image_size, mode=self.settings.mode)
+        return ImageScores(logits, size)
 
 
 def _listed_episodes(dataset: SegDataset, names: list[str]) -> dict[int, list[str]] | None:
@@ -156,30 +163,29 @@ def evaluate(
         valid = sample["mask"].to(device) != IGNORE  # 1-way: pixels of names outside the vocabulary count
         if not seen:
             own = list(dict.fromkeys(n for n in sample["names"] if n in index))
-            logits = score(sample, [index[n] for n in own])  # k H W: the sample's own names
+            logits = score(sample, [index[n] for n in own])  # k names: the sample's own
             present = [n for n in own if (target == index[n] + 1).any()]
             for name in present:
-                pred = one_way_foreground(logits[own.index(name)], settings.threshold)
+                pred = one_way_foreground(logits.of([own.index(name)])[0], settings.threshold)
                 one_way.update(name, pred, target == index[name] + 1, valid)
-            local = labels_from_logits(logits[None], settings.threshold)[0]
+            local = logits.labels(settings.threshold)
             multi.update(torch.tensor([0] + [index[n] + 1 for n in own], device=device)[local], target)
             continue
-        logits = score(sample)  # v H W: every name in one pass
+        logits = score(sample)  # every name in one pass
         for name in dict.fromkeys(sample["names"]):
             if name not in index or not (target == index[name] + 1).any():
                 continue
             if episodes is not None and name in one_way.class_names:
                 continue  # the split list decides the unseen names' episodes (below)
             meter = one_way if name in one_way.class_names else one_way_seen
-            pred = one_way_foreground(logits[index[name]], settings.threshold)
+            pred = one_way_foreground(logits.of([index[name]])[0], settings.threshold)
             meter.update(name, pred, target == index[name] + 1, valid)
         for name in (episodes or {}).get(i, ()):  # one list line, one episode (present or not)
-            pred = one_way_foreground(logits[index[name]], settings.threshold)
+            pred = one_way_foreground(logits.of([index[name]])[0], settings.threshold)
             one_way.update(name, pred, target == index[name] + 1, valid)
-        multi.update(labels_from_logits(logits[None], settings.threshold)[0], target)
+        multi.update(logits.labels(settings.threshold), target)
         if calibrated is not None:
-            labels = labels_from_logits(logits[None], settings.threshold, seen_bias=seen_bias, seen=is_seen)
-            calibrated.update(labels[0], target)
+            calibrated.update(logits.labels(settings.threshold, seen_bias=seen_bias, seen=is_seen), target)
 
     if unseen and not one_way.pairs.any():
         log.warning(
@@ -225,9 +231,9 @@ def choose_seen_bias(
     for i in tqdm(range(len(dataset)), desc="choosing seen_bias", unit="img", disable=not progress):
         sample = dataset[i]
         target = _target(sample, index, score.device)
-        logits = score(sample).float()
-        s_val, s_idx = logits[:k].max(0)
-        u_val, u_idx = logits[k:].max(0)
+        logits = score(sample)
+        s_val, s_idx = logits.best(slice(None, k))
+        u_val, u_idx = logits.best(slice(k, None))
         for bias, meter in zip(biases, meters, strict=True):
             seen_wins = s_val - bias >= u_val  # ties go to the seen name, as argmax over [seen; unseen]
             best = torch.where(seen_wins, s_val - bias, u_val)

@@ -43,8 +43,8 @@ from fusioner.engine.evaluate import EvalSettings, evaluate
 from fusioner.errors import ConfigError
 from fusioner.inference import NAMES_PER_PASS, argmax_labels
 from fusioner.io import atomic_write_json, atomic_write_text
+from fusioner.metrics_file import pct
 from fusioner.model import FusionerModel
-from fusioner.run import pct
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,9 @@ ZegCLIP (Zhou et al., "ZegCLIP: Towards Adapting CLIP for Zero-shot Semantic Seg
 - *loss* (:func:`zegclip_loss`): every seen name scored on every image, sigmoid focal loss
   (alpha 0.25, gamma 2) x 100 over all of them + dice x 1 over the names present, both divided by
   the number of present names in the batch;
-- *deep prompt tuning* (``deep_prompts: N``, VPT-deep) on a timm ViT: :class:`PromptedViT`.
+- *deep prompt tuning* (``deep_prompts: N``): on a CLIP ViT as ZegCLIP does it (prompt projection,
+  dropout, final prompt norm: methods/clip_prompts.py); on a timm ViT plain VPT-deep,
+  :class:`PromptedViT` (an extension).
 
 For a backbone without a class token (EfficientNet-Lite0 in the offline sweep) ``global_token`` is
 ``"mean"``: the mean of the frozen tokens stands in for ``g``, an extension, not ZegCLIP. When the
@@ -37,6 +39,7 @@ from torch.nn import functional as F
 
 from fusioner.adapters.base import VisionAdapter, VisionOutput
 from fusioner.errors import FusionerError
+from fusioner.methods.clip_prompts import ClipPrompts, PromptedCLIP, is_clip_tower
 from fusioner.methods.layers import logit_scale, to_size
 from fusioner.methods.registry import Method, register_method
 
@@ -62,15 +65,22 @@ class ZegCLIPConfig:
     deep_prompts: int = 0  # prompt tokens per ViT block; 0 = frozen backbone untouched
     prompt_blocks: int = 0  # the ViT's block count (set from the backbone when prompts are asked)
     prompt_width: int = 0
+    # vpt: plain prompts in a timm ViT (PromptedViT); zegclip: ZegCLIP's projected, normed prompts in
+    # an open_clip CLIP ViT (methods/clip_prompts.py).
+    prompt_style: str = "vpt"
+    prompt_patch: int = 16
 
 
 def _config(config: Any, vision: Any, text: Any) -> ZegCLIPConfig:
-    blocks = 0
-    if config.deep_prompts:
+    blocks, style, width = 0, "vpt", vision.embed_dim
+    if config.deep_prompts and is_clip_tower(vision):
+        style, blocks = "zegclip", len(vision.visual.transformer.resblocks)
+        width = vision.visual.conv1.out_channels
+    elif config.deep_prompts:
         model = getattr(vision, "model", None)
         if model is None or not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
             raise FusionerError(
-                f"config key 'deep_prompts': needs a timm ViT backbone (blocks of tokens); "
+                f"config key 'deep_prompts': needs a CLIP or timm ViT backbone (blocks of tokens); "
                 f"vision {config.vision!r} is not one"
             )
         blocks = len(model.blocks)
@@ -84,7 +94,9 @@ def _config(config: Any, vision: Any, text: Any) -> ZegCLIPConfig:
         temperature=config.temperature,
         deep_prompts=config.deep_prompts,
         prompt_blocks=blocks,
-        prompt_width=vision.embed_dim if config.deep_prompts else 0,
+        prompt_width=width if config.deep_prompts else 0,
+        prompt_style=style,
+        prompt_patch=vision.patch_size,
     )
 
 
@@ -143,7 +155,11 @@ class ZegCLIPHead(nn.Module):
             AttentionMaskLayer(d, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
         )
         self.register_buffer("logit_scale", logit_scale(config.temperature, False), persistent=False)
-        if config.deep_prompts:
+        if config.deep_prompts and config.prompt_style == "zegclip":
+            self.clip_prompts = ClipPrompts(
+                config.prompt_blocks, config.deep_prompts, config.prompt_width, config.prompt_patch
+            )
+        elif config.deep_prompts:
             shape = (config.prompt_blocks, config.deep_prompts, config.prompt_width)
             self.prompts = nn.Parameter(torch.zeros(shape))
             nn.init.trunc_normal_(self.prompts, std=0.02)
@@ -154,7 +170,11 @@ class ZegCLIPHead(nn.Module):
 
     def attach(self, vision: VisionAdapter) -> VisionAdapter:
         """With deep prompts, the backbone runs with this head's prompts inside it."""
-        return PromptedViT(vision, self) if self.config.deep_prompts else vision
+        if not self.config.deep_prompts:
+            return vision
+        if self.config.prompt_style == "zegclip":
+            return PromptedCLIP(vision, self.clip_prompts)
+        return PromptedViT(vision, self)
 
     def image_embedding(self, tokens: Tensor, cls: Tensor | None) -> Tensor:
         """``g``: the unit-norm CLS (or token mean, ``global_token: mean``), at the text width."""
@@ -212,7 +232,8 @@ def zegclip_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
     """ZegCLIP's criterion: logits / targets ``b k h w`` over every seen name, valid ``b h w``.
 
     ``100 x sum(focal over every (image, name)) + 1 x sum(dice over present (image, name))``, both
-    over the number of present names in the batch (at least 1).
+    over the number of present names in the batch (at least 1). Ignored pixels (label -1) take no
+    part; the released criterion counts its ignored pixels as negatives of every name.
     """
     present = targets.flatten(2).any(-1)  # b k
     count = present.sum().clamp(min=1)

@@ -33,7 +33,6 @@ STAGES = 3
 RELEASED_STAGES = 4
 LAYOUTS = ("default", "released")  # what a new config may ask for
 register_choices("decoder", LAYOUTS)
-LEGACY_LAYOUTS = ("paper",)  # what saved heads may still hold
 
 
 def _norm(channels: int) -> nn.GroupNorm:

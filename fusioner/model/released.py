@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fusioner.errors import FusionerError
+from fusioner.errors import DataError, FusionerError
 from fusioner.model.decoder import RELEASED_STAGES
 from fusioner.model.head import RELEASED, FusionHead, HeadConfig
 
@@ -140,6 +140,8 @@ def head_from_released(
     head = FusionHead(config)
     expected = released_state_dict(head)
     for key, value in released.items():
+        if not isinstance(value, Tensor):
+            raise FusionerError(f"{where}: {key} is a {type(value).__name__}, not a tensor")
         if key not in expected:
             raise FusionerError(
                 f"{where}: unexpected key {key!r} {_shape(value)}: the released head of d_model "
@@ -188,9 +190,21 @@ def head_differences(fixture: str | Path, *, tokens: str = "input.visual") -> di
         "logits_odd": ("input.text", odd),
         "logits3": ("input.text3", size),
     }
+    source = folder / "head.safetensors"
+
+    def tensor(key: str) -> Tensor:
+        if key not in tensors:
+            raise DataError(f"fixture file {source}: tensor {key!r} is missing")
+        return tensors[key].float()
+
     out = {}
     with torch.no_grad():
         for name, (text, at) in cases.items():
-            got = head(tensors[tokens], grid, tensors[text], size=at)
-            out[name] = (got - tensors[f"output.{name}"]).abs().max().item()
+            got, expected = head(tensor(tokens), grid, tensor(text), size=at), tensor(f"output.{name}")
+            if got.shape != expected.shape:
+                raise DataError(
+                    f"the released head gave {name} of shape {tuple(got.shape)}; {source}'s "
+                    f"output.{name} is {tuple(expected.shape)}"
+                )
+            out[name] = (got - expected).abs().max().item()
     return out

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusioner.io import atomic_write, atomic_write_text
-from fusioner.run import DONE, ERROR, FAILED, PARTIAL, PENDING, TRAINED, RunDir, pct
+from fusioner.metrics_file import pct
+from fusioner.run import DONE, ERROR, FAILED, PARTIAL, PENDING, TRAINED, RunDir
 from fusioner.sweep.expand import NAME_KEYS, read_plan
 
 

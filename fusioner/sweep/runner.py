@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import time
 import traceback
 from collections import Counter
@@ -81,12 +82,40 @@ def _append_event(sweep_dir: Path, event: dict[str, Any]) -> None:
         f.write(json.dumps(event) + "\n")
 
 
-def write_status(sweep: Sweep) -> Path:
-    """``status.json``: every run's state, read from disk (so any shard's rewrite is a true picture)."""
-    states = {run.name: run.run_dir.state for run in sweep.runs}
+def write_status(sweep: Sweep, states: dict[str, str] | None = None) -> Path:
+    """``status.json``: every run's state, read from disk (so any shard's rewrite is a true picture),
+    or ``states`` where the caller holds them already (:class:`_Status`)."""
+    states = states if states is not None else {run.name: run.run_dir.state for run in sweep.runs}
     return atomic_write_json(
         sweep.dir / STATUS, {"updated": _now(), "counts": dict(Counter(states.values())), "runs": states}
     )
+
+
+class _Status:
+    """status.json after each attempted run, at a bounded cost.
+
+    Reading every run's state takes a few stat calls per run: about 2 s for 10,000 runs, which after
+    every run of a large sweep was most of its time. Between full reads (which show the other
+    shards' progress too) only the run just attempted is read again; a full read happens when the
+    time since the last one is over ``RESCAN_RATIO`` times what it took, so it costs at most about
+    1/RESCAN_RATIO of the sweep's time.
+    """
+
+    RESCAN_RATIO = 30
+
+    def __init__(self, sweep: Sweep) -> None:
+        self.sweep = sweep
+        self.states: dict[str, str] = {}
+        self.read_at, self.read_cost = -math.inf, 0.0
+
+    def write(self, attempted: Run | None = None) -> Path:
+        now = time.monotonic()
+        if attempted is None or now - self.read_at > self.RESCAN_RATIO * self.read_cost:
+            self.states = {run.name: run.run_dir.state for run in self.sweep.runs}
+            self.read_at, self.read_cost = time.monotonic(), time.monotonic() - now
+        else:
+            self.states[attempted.name] = attempted.run_dir.state
+        return write_status(self.sweep, self.states)
 
 
 def run_one(run: Run, state: Any) -> RunOutcome:
@@ -154,6 +183,7 @@ def run_sweep(
         sweep.dir.mkdir(parents=True, exist_ok=True)
         write_plan(sweep)
     outcomes = []
+    status = _Status(sweep)
     for run in runs:
         if not run.run_dir.has_metrics():
             log.info("sweep run %s: %s", run.name, run.run_dir.state)
@@ -163,9 +193,9 @@ def run_sweep(
             event = {"run": run.name, "status": outcome.status, "action": outcome.action}
             event |= {"seconds": round(outcome.seconds, 1), "error": outcome.error}
             _append_event(sweep.dir, event | {"shard": f"{shard[0]}/{shard[1]}", "at": _now()})
-            write_status(sweep)
+            status.write(run)
         if on_outcome is not None:
             on_outcome(outcome)
     if state.is_main_process:
-        write_status(sweep)
+        status.write()  # a full read: the shard's last word is a true picture
     return SweepResult(sweep.dir, outcomes)
