@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fusioner.errors import FusionerError
+from fusioner.run import RunDir
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,6 @@ def read_calibration(source: str | Path | None) -> Calibration | None:
     ``fusioner eval`` writes ``gzss.per_class`` (background, then every name) and ``one_way.per_class``
     (the unseen names): the seen names are the difference. A Hub model carries no metrics.json.
     """
-    from fusioner.run import RunDir  # run.py imports the model package: imported when called
-
     if source is None:
         return None
     path = Path(source)

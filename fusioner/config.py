@@ -141,7 +141,7 @@ class Config:
     spectral_knn: int = 0  # > 0 keeps each token's knn strongest affinities
     sazs_min_iou: float = 0.5  # sazs: an eigen-mask replaces a name's mask from this IoU with it
     spectral_weight: float = 0.0  # training: pull predictions toward the eigen-segments (ours, not SAZS)
-    deep_prompts: int = 0  # zegclip: prompt tokens per block of a timm ViT (needs use_cache=false)
+    deep_prompts: int = 0  # zegclip: prompt tokens per block of a CLIP or timm ViT (needs use_cache=false)
     zegformer_grouping: str = "queries"  # queries (learned, class-agnostic) | spectral
     zegformer_queries: int = 16  # mask queries (or spectral segments)
     zegformer_lambda: float = 2 / 3  # ZegFormer's fusion exponent (seen: segment^l x CLIP^(1-l))

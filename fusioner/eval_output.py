@@ -101,3 +101,27 @@ def write_metrics(target: Path, metrics: dict[str, Any]) -> Path:
 
 def _in_run(target: Path) -> bool:
     return RunDir(target.parent).is_run()
+
+
+def check_suite_folder(out: Path) -> None:
+    """Refuse a suite ``--out`` holding files an earlier ``eval --suite`` did not write.
+
+    A suite writes suite.json, suite.md and per_class/ there: absent, empty, or an earlier suite's
+    folder (its suite.json names a suite) may be written; anything else is someone else's folder.
+    """
+    if out.exists() and not out.is_dir():
+        raise FusionerError(f"--out {out} is a file; expected a folder for the suite's files")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    try:
+        record = json.loads((out / "suite.json").read_bytes())
+    except (OSError, ValueError):
+        record = None
+    foreign = [p for p in entries if p.name not in {"suite.json", "suite.md", "per_class"}]
+    if not isinstance(record, dict) or "suite" not in record or foreign:
+        what = foreign[0] if foreign else out / "suite.json"
+        raise FusionerError(
+            f"--out {out} is not empty and fusioner eval --suite did not write it (it holds {what}); "
+            "choose a new or empty folder"
+        )

@@ -157,7 +157,10 @@ def parse_names(names: str | Sequence[str], where: str = "names") -> list[str]:
     out = [check_name(n, where) for n in given]
     if not out:
         raise FusionerError(f"{where} is empty: give at least one class name")
-    duplicates = sorted({n for n in out if out.count(n) > 1})
+    # The text models lower-case their input ("Cat" and "cat" embed identically): such twins would
+    # split one class's pixels between two labels by chance, so they count as duplicates too.
+    folded = [n.casefold() for n in out]
+    duplicates = sorted({n for n, f in zip(out, folded, strict=True) if folded.count(f) > 1})
     if duplicates:
         raise FusionerError(f"{where} has duplicate names: {', '.join(duplicates)}")
     return out

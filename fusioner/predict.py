@@ -21,6 +21,7 @@ Where the outputs go (:func:`plan_outputs`), and what ``--out`` may already hold
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,12 +71,13 @@ def _name_at(path: Path, level: int) -> str:
 
 def output_names(images: Sequence[str]) -> list[str]:
     """One distinct output name per input (see the module doc); the same file given twice is refused."""
-    paths = [Path(p).resolve() for p in images]
     seen: dict[Path, str] = {}
-    for given, path in zip(images, paths, strict=True):
-        if path in seen:
-            raise FusionerError(f"image {given} is given twice (also as {seen[path]}); give each image once")
-        seen[path] = given
+    for given in images:  # one file under two names (a symlink, ../x) is still one file
+        if (target := Path(given).resolve()) in seen:
+            raise FusionerError(f"image {given} is given twice (also as {seen[target]}); give it once")
+        seen[target] = given
+    # Named as given: a symlink photo.jpg -> IMG_0042.jpg writes photo_labels.png, as documented.
+    paths = [Path(os.path.abspath(p)) for p in images]
     levels = [0] * len(paths)
     for _ in range(max(len(p.parts) for p in paths) + 1):
         groups: dict[str, list[int]] = {}

@@ -175,3 +175,22 @@ def test_scene_generator_clears_only_a_folder_it_marked(tmp_path):
     with pytest.raises(DataError, match="not written by the pictogram scene generator"):
         generate_scenes(tmp_path, num_train=2, num_val=1)
     assert mine.read_bytes() == b"mine"
+
+
+def test_eval_suite_out_refuses_a_folder_it_did_not_write(evaluated_run, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "suite.md").write_text("my own notes")
+    argv = [
+        "eval",
+        "--model",
+        str(evaluated_run),
+        "--suite",
+        "ov",
+        f"data_root={tmp_path}",
+        "--out",
+        str(out),
+    ]
+    code, err, _ = _cli(argv, capsys)
+    assert code == 2 and f"--out {out} is not empty and fusioner eval --suite did not write it" in err
+    assert (out / "suite.md").read_text() == "my own notes"

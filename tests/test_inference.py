@@ -342,3 +342,31 @@ def ImageOps_exif(im):
     from PIL import ImageOps
 
     return ImageOps.exif_transpose(im)
+
+
+def test_a_rotated_phone_photo_trains_against_its_mask_upright(tmp_path):
+    """Issue 21 item 10, training side: the mask is drawn on the photo as viewers show it (EXIF
+    applied); the dataset must hand out the image that way too, pixel-aligned with the mask."""
+    import numpy as np
+    from PIL import Image
+
+    from fusioner.data.folder import FolderDataset
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("background\ncat\n")
+    stored = np.zeros((30, 20, 3), np.uint8)  # stored 30 high, 20 wide; shown 20 high, 30 wide
+    stored[:, :5] = 255  # a white band on the stored left edge: the shown top edge (rotated 90 CW)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for name in ("a", "b", "c", "d", "e"):
+        Image.fromarray(stored).save(root / "images" / f"{name}.png", exif=exif.tobytes())
+        mask = np.zeros((20, 30), np.uint8)
+        mask[:5] = 1  # the cat is the white band, as the user sees it: on top
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    dataset = FolderDataset(root, "train")
+    sample = dataset[0]
+    assert tuple(sample["image"].shape) == (3, 20, 30)
+    white = sample["image"].mean(0) > 0.5
+    assert torch.equal(white, sample["mask"] == 1)

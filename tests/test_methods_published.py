@@ -97,7 +97,10 @@ def test_zegclip_masks_are_the_last_layers_head_averaged_attention_logits():
         logits = head(tokens, (3, 4), text, size=(3, 4), cls=cls)
     q, p = last.q(captured["q"]), last.k(captured["p"])  # b k d, b n d
     e = 32 // 4
-    per_head = [q[..., i * e : (i + 1) * e] @ p[..., i * e : (i + 1) * e].transpose(1, 2) / math.sqrt(e) for i in range(4)]
+    per_head = [
+        q[..., i * e : (i + 1) * e] @ p[..., i * e : (i + 1) * e].transpose(1, 2) / math.sqrt(e)
+        for i in range(4)
+    ]
     expected = rearrange(torch.stack(per_head).mean(0), "b k (h w) -> b k h w", h=3)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -105,7 +108,9 @@ def test_zegclip_masks_are_the_last_layers_head_averaged_attention_logits():
 def test_zegclip_has_three_cross_attention_layers_and_no_patch_block():
     head = _zegclip()
     assert len(head.decoder) == 3
-    assert not any("Block" in type(m).__name__ or isinstance(m, torch.nn.MultiheadAttention) for m in head.modules())
+    assert not any(
+        "Block" in type(m).__name__ or isinstance(m, torch.nn.MultiheadAttention) for m in head.modules()
+    )
     assert [type(m).__name__ for m in head.visual_in] == ["Linear", "LayerNorm"]
 
 
@@ -156,7 +161,9 @@ def test_call_head_hands_the_cls_only_to_heads_that_read_it():
     head = _zegclip()
     tokens, text, cls = torch.randn(1, 16, 32), F.normalize(torch.randn(1, 2, 32), dim=-1), torch.randn(1, 32)
     with torch.no_grad():
-        torch.testing.assert_close(call_head(head, tokens, (4, 4), text, cls), head(tokens, (4, 4), text, cls=cls))
+        torch.testing.assert_close(
+            call_head(head, tokens, (4, 4), text, cls), head(tokens, (4, 4), text, cls=cls)
+        )
 
 
 # -- ZegFormer -------------------------------------------------------------------------------------
@@ -204,7 +211,9 @@ def test_semantic_inference_sums_segment_probabilities_times_mask_probabilities(
 
 def _zegformer(vision_dim=32, text_dim=32) -> ZegFormerHead:
     torch.manual_seed(0)
-    return ZegFormerHead(ZegFormerConfig(vision_dim=vision_dim, text_dim=text_dim, dim=32, depth=1, queries=3))
+    return ZegFormerHead(
+        ZegFormerConfig(vision_dim=vision_dim, text_dim=text_dim, dim=32, depth=1, queries=3)
+    )
 
 
 def test_zegformer_classifies_the_projected_query_embedding_with_a_learned_no_object():
@@ -266,7 +275,9 @@ def _halves(gh: int = 6, gw: int = 8, c: int = 16) -> tuple[torch.Tensor, torch.
     g = torch.Generator().manual_seed(0)
     left = torch.zeros(gh, gw, dtype=torch.bool)
     left[:, : gw // 2] = True
-    tokens = torch.where(left[..., None], torch.eye(c)[0], torch.eye(c)[1]) + 0.05 * torch.randn(gh, gw, c, generator=g)
+    tokens = torch.where(left[..., None], torch.eye(c)[0], torch.eye(c)[1]) + 0.05 * torch.randn(
+        gh, gw, c, generator=g
+    )
     return rearrange(tokens, "h w c -> 1 (h w) c"), left
 
 
@@ -327,7 +338,9 @@ def test_the_cache_stores_each_items_clip_cls_and_zegclip_reads_it_like_a_fresh_
     model.vision, model.head, model.refiner = vision, _zegclip().eval(), None
     names = text(["cat", "dog"])
     with torch.no_grad():
-        cached = image_logits(model, sample["image"], names, size=64, tokens=item.tokens.float(), cls=item.cls.float())
+        cached = image_logits(
+            model, sample["image"], names, size=64, tokens=item.tokens.float(), cls=item.cls.float()
+        )
         computed = image_logits(model, sample["image"], names, size=64)
     torch.testing.assert_close(cached, computed, rtol=2e-2, atol=2e-2)
 
@@ -356,8 +369,12 @@ def test_zegclip_prompts_in_clip_are_projected_placed_after_cls_and_replaced_at_
     assert parts.prompts.abs().max() <= bound
     seen, post_inputs = [], []
     blocks = prompted.inner.visual.transformer.resblocks
-    hooks = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())) for b in blocks]
-    hooks.append(prompted.inner.visual.ln_post.register_forward_pre_hook(lambda _m, a: post_inputs.append(a[0])))
+    hooks = [
+        b.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())) for b in blocks
+    ]
+    hooks.append(
+        prompted.inner.visual.ln_post.register_forward_pre_hook(lambda _m, a: post_inputs.append(a[0]))
+    )
     out = prompted(torch.rand(1, 3, 64, 64))
     for hook in hooks:  # the fixture's tower is shared with the other tests
         hook.remove()
@@ -381,3 +398,14 @@ def test_zegclip_prompts_train_and_leave_clip_bit_identical(tiny_clip):
     torch.optim.SGD(head.parameters(), lr=1.0).step()
     assert all(torch.equal(v, backbone[k]) for k, v in prompted.inner.state_dict().items())
     assert prompted.fingerprint() != before  # tokens cached under the old prompts are never reused
+
+
+def test_the_spectral_hybrid_trains_each_segment_on_its_majority_label():
+    from fusioner.methods.zegformer import majority_loss
+
+    classes = torch.tensor([[[1.0, 0.0, 2.0], [0.5, 1.5, 0.0], [0.0, 0.0, 0.0]]])  # b s (k + 1), k = 2
+    segments = torch.zeros(1, 3, 2, 2, dtype=torch.bool)
+    segments[0, 0, 0], segments[0, 1, 1, 0], segments[0, 2, 1, 1] = True, True, True
+    target = torch.tensor([[[2, 2], [0, -1]]])  # segment 0: name 1; segment 1: background; 2: ignored
+    expected = F.cross_entropy(classes[0], torch.tensor([1, 2, 2]), weight=torch.tensor([1.0, 1.0, 0.1]))
+    torch.testing.assert_close(majority_loss(classes, segments, target), expected)

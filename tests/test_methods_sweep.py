@@ -9,10 +9,9 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from test_methods_published import TINY_TEXT, TINY_VISION
 
 from fusioner.sweep.expand import load_sweep
-
-from test_methods_published import TINY_TEXT, TINY_VISION
 
 SWEEP = Path(__file__).parents[1] / "configs" / "sweeps" / "methods.yaml"
 
@@ -26,7 +25,9 @@ def _tiny(create, extra, name, weights=None, **kwargs):
 def tiny_clip_adapters(monkeypatch):
     import fusioner.model.model as model_module
 
-    monkeypatch.setattr(model_module, "create_vision", partial(_tiny, model_module.create_vision, TINY_VISION))
+    monkeypatch.setattr(
+        model_module, "create_vision", partial(_tiny, model_module.create_vision, TINY_VISION)
+    )
     monkeypatch.setattr(model_module, "create_text", partial(_tiny, model_module.create_text, TINY_TEXT))
 
 
@@ -60,7 +61,9 @@ def test_every_design_of_the_methods_sweep_trains_a_step_and_evaluates_on_tiny_c
         assert "gzss" in metrics, run.name
 
 
-def test_zegclip_with_its_clip_prompts_trains_uncached_and_saves_them(voc_folder, tmp_path, tiny_clip_adapters):
+def test_zegclip_with_its_clip_prompts_trains_uncached_and_saves_them(
+    voc_folder, tmp_path, tiny_clip_adapters
+):
     import dataclasses
 
     import torch

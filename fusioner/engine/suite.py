@@ -319,6 +319,7 @@ def evaluate_suite(
     """``fusioner eval --suite``: load the model, read ``data_root`` (and ``split_dir``) from the
     config (the run's own ``config.yaml`` when ``model_source`` is a run), run the suite."""
     from fusioner.config import load_config
+    from fusioner.eval_output import check_suite_folder
     from fusioner.run import RunDir
 
     model = FusionerModel.from_pretrained(model_source)
@@ -330,6 +331,7 @@ def evaluate_suite(
     model.to(device)
     if out is None:
         out = str(Path(model_source if Path(model_source).is_dir() else ".") / f"suite-{suite}")
+    check_suite_folder(Path(out))  # before any dataset is read
     return run_suite(
         model,
         suite,

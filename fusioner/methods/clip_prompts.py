@@ -54,7 +54,11 @@ class PromptedCLIP(VisionAdapter):
         if not is_clip_tower(inner):
             raise FusionerError(f"{inner.name}: ZegCLIP's CLIP prompts need an open_clip ViT image tower")
         super().__init__(
-            inner.name, inner.embed_dim, inner.patch_size, inner.mean.flatten().tolist(), inner.std.flatten().tolist()
+            inner.name,
+            inner.embed_dim,
+            inner.patch_size,
+            inner.mean.flatten().tolist(),
+            inner.std.flatten().tolist(),
         )
         self.inner = inner
         # A tuple, not a submodule: freeze() must not freeze the prompts, nor the adapter's state hold them.

@@ -4,7 +4,8 @@ A *method* is a trainable head with the Fusioner head's contract: ``head(tokens 
 b k ct | k ct, size=None) -> logits b k h w`` (cosine x ``head.scale``, one independent sigmoid mask
 per name), a frozen ``head.config`` dataclass that ``save_pretrained`` records, and ``head.scale``.
 ``fusioner/methods/__init__.py`` imports the implementations, whose registrations fill the tables
-(timm's habit), so ``config.py`` reads its choices from here.
+(timm's habit); :func:`fusioner.methods.check_config`, registered with the config
+(``config.register_check``), checks a config's choices against them.
 """
 
 from __future__ import annotations
@@ -77,7 +78,12 @@ def method_of(head: nn.Module) -> Method:
 
 
 def call_head(
-    head: nn.Module, tokens: Tensor, grid: tuple[int, int], text: Tensor, cls: Tensor | None = None, **kwargs: Any
+    head: nn.Module,
+    tokens: Tensor,
+    grid: tuple[int, int],
+    text: Tensor,
+    cls: Tensor | None = None,
+    **kwargs: Any,
 ) -> Any:
     """``head(tokens, grid, text, **kwargs)``, with ``cls=cls`` for the heads that read the CLS token.
 

@@ -37,7 +37,9 @@ from fusioner.methods.spectral import affinity, laplacian_eigenvectors
 EIGENVECTORS = 5  # K of the released evaluation
 
 
-def binary_eigen_masks(tokens: Tensor, grid: tuple[int, int], eigs: int = EIGENVECTORS, knn: int = 0) -> Tensor:
+def binary_eigen_masks(
+    tokens: Tensor, grid: tuple[int, int], eigs: int = EIGENVECTORS, knn: int = 0
+) -> Tensor:
     """Tokens ``b n c`` -> bool ``b (2 eigs) gh gw``: eigenvectors 1 .. eigs, each ``> 0`` and ``< 0``."""
     vectors = laplacian_eigenvectors(affinity(tokens, knn), eigs + 1)[..., 1:]  # b n e
     halves = torch.cat([vectors > 0, vectors < 0], dim=-1)  # b n 2e

@@ -3,14 +3,15 @@
 SAZS (Liu et al., "Delving into Shape-aware Zero-shot Semantic Segmentation", CVPR 2023; official
 code Liuxinyv/SAZS) builds on the Laplacian eigenvectors of a self-supervised backbone's patch
 affinities (the deep-spectral-segmentation recipe); this module shares that graph and its
-eigenvectors (:func:`affinity`, :func:`laplacian_eigenvectors`) but is not SAZS: its eigen-mask
-selection and boundary constraint are not here. What is here, training-free and for any method: an affinity graph over the patch tokens (cosine, negative affinities cut, optionally only
-each token's ``knn`` nearest neighbours kept), the first ``eigs`` eigenvectors of its normalised
-Laplacian, K-means (seeded, in torch) over their row-normalised entries (Ng-Jordan-Weiss spectral
-clustering) into ``segments`` segments; every segment takes the mean probability of its pixels,
-blended with the raw probabilities by ``weight`` (see :func:`blend` for why not logits). The
-refiner runs inside ``fusioner/inference.py``'s one path, so evaluation, ``predict`` and
-``FusionerModel.logits`` all see it.
+eigenvectors (:func:`affinity`, :func:`laplacian_eigenvectors`) but is not SAZS (SAZS's eigen-mask
+swap, label-free, is methods/sazs.py; its boundary constraint is not in this library). What is
+here, training-free and for any method: an affinity graph over the patch tokens (cosine, negative
+affinities cut, optionally only each token's ``knn`` nearest neighbours kept), the first ``eigs``
+eigenvectors of its normalised Laplacian, K-means (seeded, in torch) over their row-normalised
+entries (Ng-Jordan-Weiss spectral clustering) into ``segments`` segments; every segment takes the
+mean probability of its pixels, blended with the raw probabilities by ``weight`` (see :func:`blend`
+for why not logits). The refiner runs inside ``fusioner/inference.py``'s one path, so evaluation,
+``predict`` and ``FusionerModel.logits`` all see it.
 """
 
 from __future__ import annotations

@@ -141,7 +141,9 @@ class ZegCLIPHead(nn.Module):
     def __init__(self, config: ZegCLIPConfig) -> None:
         super().__init__()
         if config.global_token not in GLOBAL_TOKENS:
-            raise ValueError(f"zegclip global_token must be one of {GLOBAL_TOKENS}, got {config.global_token!r}")
+            raise ValueError(
+                f"zegclip global_token must be one of {GLOBAL_TOKENS}, got {config.global_token!r}"
+            )
         self.config = config
         d = config.dim
         # use_proj=True of the released head: a linear map then a LayerNorm, no patch block.

@@ -25,7 +25,8 @@ map depends on the other names in the pass (fusioner/inference.py asks up to 64 
 level branch needs tokens in the text space (a CLIP pair); with another pair it is off and the
 segment-level score is the whole score. ``grouping: spectral`` (``zegformer+spectral-groups``) is a
 training-free hybrid, not ZegFormer: the eigen-segments of methods/spectral.py stand in for the
-queries' masks and each segment's pooled feature for its query embedding.
+queries' masks and each segment's pooled feature for its query embedding; its classifier trains on
+each segment's majority label (:func:`majority_loss`).
 """
 
 from __future__ import annotations
@@ -180,10 +181,15 @@ class ZegFormerHead(nn.Module):
         """-> (segment embeddings ``b s d``, mask logits ``b s n``)."""
         if self.config.grouping == "spectral":
             seg = spectral_segments(
-                tokens.detach(), eigs=self.config.spectral_eigs, segments=self.config.queries, seed=self.config.seed
+                tokens.detach(),
+                eigs=self.config.spectral_eigs,
+                segments=self.config.queries,
+                seed=self.config.seed,
             )
             onehot = rearrange(F.one_hot(seg, self.config.queries).to(patches.dtype), "b n s -> b s n")
-            pooled = einsum(onehot, patches, "b s n, b n d -> b s d") / onehot.sum(-1, keepdim=True).clamp(min=1)
+            pooled = einsum(onehot, patches, "b s n, b n d -> b s d") / onehot.sum(-1, keepdim=True).clamp(
+                min=1
+            )
             return pooled, (onehot * 2 - 1) * 20  # a hard segment as mask logits of +-20
         q = self.queries.expand(patches.shape[0], -1, -1)
         for block in self.query_blocks:
@@ -218,7 +224,9 @@ class ZegFormerHead(nn.Module):
         classes = self.classify(embeddings, names)  # b s (k + 1)
         if self.config.image_branch and not self.training:
             clip = F.normalize(mask_pooled(tokens.detach(), masks.detach()), dim=-1)
-            image = torch.cat([einsum(clip, names, "b s c, b k c -> b s k") * CLIP_SCALE, classes[..., -1:]], -1)
+            image = torch.cat(
+                [einsum(clip, names, "b s c, b k c -> b s k") * CLIP_SCALE, classes[..., -1:]], -1
+            )
             probs = fuse(classes, image, self.seen_flags(names), self.config.balance)
         else:
             probs = classes.softmax(-1)[..., :-1]
@@ -227,19 +235,23 @@ class ZegFormerHead(nn.Module):
         logits = to_size(logits, grid, self.config.upsample, size)
         if not return_aux:
             return logits
-        aux = {"classes": classes}
-        if self.config.grouping == "queries":
-            aux["masks"] = rearrange(masks, "b s (gh gw) -> b s gh gw", gh=grid[0], gw=grid[1])
+        aux = {
+            "classes": classes,
+            "masks": rearrange(masks, "b s (gh gw) -> b s gh gw", gh=grid[0], gw=grid[1]),
+        }
         return logits, aux
 
     def aux_loss(self, aux: dict[str, Tensor], target: Tensor, dice_weight: float = DICE_WEIGHT) -> Tensor:
-        """The set criterion on ``target`` (``b h w``: 0 background, j + 1 = name j of the pass, -1 ignore)."""
-        if "masks" not in aux:
-            return aux["classes"].sum() * 0
+        """The set criterion on ``target`` (``b h w``: 0 background, j + 1 = name j of the pass, -1 ignore);
+        with spectral groups (fixed, nothing to match) cross-entropy of each segment's majority label."""
+        if self.config.grouping == "spectral":
+            return majority_loss(aux["classes"], aux["masks"] > 0, target)
         return set_loss(aux["classes"], aux["masks"], target, dice_weight)
 
 
-def match(classes: Tensor, masks: Tensor, labels: Tensor, truth: Tensor, dice_weight: float) -> tuple[Tensor, Tensor]:
+def match(
+    classes: Tensor, masks: Tensor, labels: Tensor, truth: Tensor, dice_weight: float
+) -> tuple[Tensor, Tensor]:
     """One image: class logits ``s (k + 1)``, mask logits ``s p``, region names ``r``, region masks
     ``r p`` -> (query, region) index pairs minimising ``-p(name) + 20 focal + dice_weight dice``."""
     with torch.no_grad():
@@ -287,6 +299,23 @@ def set_loss(classes: Tensor, masks: Tensor, target: Tensor, dice_weight: float 
     weight[-1] = NO_OBJECT_WEIGHT
     ce = F.cross_entropy(rearrange(classes.float(), "b s c -> b c s"), wanted, weight)
     return ce + (MASK_WEIGHT * focal + dice_weight * dice) / max(count, 1)
+
+
+def majority_loss(classes: Tensor, segments: Tensor, target: Tensor) -> Tensor:
+    """The spectral hybrid's classifier loss: class logits ``b s (k + 1)``, bool segments ``b s gh gw``,
+    labels ``b h w`` -> cross-entropy against each segment's most frequent label (background or
+    ignored majority = no-object, weight 0.1)."""
+    b, s, k1 = classes.shape
+    labels = F.interpolate(target[:, None].float(), size=segments.shape[-2:], mode="nearest")[:, 0].long()
+    onehot = F.one_hot(
+        (labels.clamp(min=-1) + 1).clamp(max=k1), k1 + 1
+    ).float()  # b gh gw (ignore, bg, names)
+    counts = einsum(segments.float(), onehot, "b s h w, b h w c -> b s c")
+    best = counts.argmax(-1)  # 0 ignore, 1 background, j + 2 name j
+    wanted = torch.where(best >= 2, best - 2, torch.full_like(best, k1 - 1))
+    weight = torch.ones(k1, device=classes.device)
+    weight[-1] = NO_OBJECT_WEIGHT
+    return F.cross_entropy(rearrange(classes.float(), "b s c -> b c s"), wanted, weight)
 
 
 ZEGFORMER = register_method(

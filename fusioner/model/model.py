@@ -146,8 +146,10 @@ class FusionerModel(nn.Module):
         ``images``: a PIL image, an ``h w 3`` uint8 array, a file path, a float tensor in [0, 1]
         (``3 h w`` or ``b 3 h w``), or a list of them (fusioner/inputs.py); one image gives one
         answer, a batch or a list gives one per image. ``names``: a list or ``"cat, dog"``.
-        ``threshold``: default the model's own. ``seen_bias``: subtracted from the logits of the
-        ``seen`` names (default: the calibration :meth:`from_pretrained` found beside the model).
+        ``threshold``: default the model's own. ``seen_bias`` (default 0, the plain rule): subtracted
+        from the logits of the ``seen`` names, by default those of the run's calibration that
+        :meth:`from_pretrained` found beside the model (``model.calibration.seen_bias`` is the value
+        chosen on val; ``fusioner predict`` applies it unless told otherwise).
         ``inference``: ``fixed`` or ``sliding`` (fusioner/inference.py); for older callers, ``mode``
         also takes those two and then means ``inference``.
         """
