@@ -1,4 +1,4 @@
-"""Issue 13's hostile and careless cases, tried as a new user would: through the real command line.
+"""Issues 13 and 21: hostile and careless cases, tried as a new user would, through the command line.
 
     OMP_NUM_THREADS=1 python benchmarks/faults.py [--out runs/faults/battery.md] [--jobs 2] [--keep]
 
@@ -10,7 +10,9 @@ once and copied into the cases that need a run. Each row gives the exit code, th
 one the line that shows the outcome), a concrete "nothing lost" check, and the verdict: GOOD when the
 exit code is the right one (2 for a refusal; 0 where success is right: a re-encoded cache, a fallback
 to the previous checkpoint with a warning, ``--allow-repeats``; 1 for the uncaught error of a Python
-snippet), the message names the file / key / value, and nothing was lost. Paths in the table are
+snippet; 130 for Ctrl-C), the message names the file / key / value, and nothing was lost. The cases
+live in ``benchmarks/faultcases/`` (one module per group, table order in its ``MODULES``); the
+issue-21 rows are numbered ``21.<item>``, its WEAK rows ``21.W``. Paths in the table are
 shown relative to the battery's temporary folder, ``$T``. The table is printed and written
 atomically to ``--out``; the exit status is 1 when any row is BAD.
 """
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text + summary)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         partial = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-        partial.write_text(f"# Issue 13 fault battery\n\n`python benchmarks/faults.py`\n\n{text}{summary}")
+        title = "# Fault battery (issues 13 and 21)\n\n`python benchmarks/faults.py`\n\n"
+        partial.write_text(f"{title}{text}{summary}")
         os.replace(partial, args.out)
         print(f"wrote {args.out}")
     finally:

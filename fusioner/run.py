@@ -169,14 +169,16 @@ class RunDir:
         """True for a folder this library's training made (or an empty one it may claim).
 
         Made: it holds the marker train writes first, or, for runs made before the marker existed, a
-        config.yaml with a training state or a checkpoint. A user's folder with a config.yaml and a
-        losses.jsonl of their own is none of these, and train must not rewrite either file.
+        config.yaml with a training state, a checkpoint, a run.lock or a sweep's error.txt. A user's
+        folder with a config.yaml and a losses.jsonl of their own is none of these, and train must not
+        rewrite either file.
         """
         if not self.path.is_dir():
             return False
         if self.marker.is_file():
             return True
-        if self.config.is_file() and (self.train_state.is_file() or self.latest_checkpoint() is not None):
+        made = (self.train_state, self.lock_file, self.error)  # what only train or a sweep writes
+        if self.config.is_file() and (any(p.is_file() for p in made) or self.latest_checkpoint() is not None):
             return True
         # Empty, or only what another process of this very launch wrote an instant ago (its lock).
         return all(p.name in _CLAIM_NAMES for p in self.path.iterdir())

@@ -217,3 +217,29 @@ def test_a_model_with_a_logit_refiner_is_refused(exported, tmp_path):
     with pytest.raises(FusionerError, match="refine: spectral.*refine: none"):
         export_onnx(tmp_path / "model", tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_a_released_head_exports_in_the_released_order(tmp_path):
+    """``decoder: released`` resizes features, not logits: the graph scores at the input size and
+    the predictor's logits equal the model's (issue 20)."""
+    from fusioner.adapters import create_text, create_vision
+    from fusioner.model.head import RELEASED
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        torch.manual_seed(0)
+        vision, text = create_vision("efficientnet_lite0"), create_text("minilm_l6")
+    config = HeadConfig(
+        vision_dim=vision.embed_dim, text_dim=text.embed_dim, dim=32, depth=1, heads=4, **RELEASED
+    )
+    model = FusionerModel(FusionHead(config), vision, text, image_size=SIZE).eval()
+    model.save_pretrained(tmp_path / "model")
+    result = export_onnx(tmp_path / "model", tmp_path / "onnx", classes=VOCAB)
+    session = ort_session(result.out / PREDICTOR, threads=1)
+    images, names = _images(1, seed=3), model.text(NAMES[:3])
+    got = session.run(["logits"], {"images": images.numpy(), "text": names.numpy()})[0]
+    assert got.shape == (1, 3, SIZE, SIZE)  # the input's size, not the decoder's 8x grid
+    image = _images(1, 150, 200, seed=5)[0]
+    with torch.no_grad():
+        expected = model.logits(image, NAMES)
+    assert_match(OnnxPredictor(result.out, threads=1).logits(image, NAMES), expected, model.head.scale.item())

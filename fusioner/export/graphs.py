@@ -26,8 +26,11 @@ class PredictorGraph(nn.Module):
 
     def forward(self, images: Tensor, text: Tensor) -> Tensor:
         out = self.vision(images)
-        # The decoder's resolution: inference.py resizes once, to each image's own size.
-        return call_head(self.head, out.tokens, out.grid, text, out.cls)
+        # The decoder's resolution: inference.py resizes once, to each image's own size. A head that
+        # resizes its features before scoring (``decoder: released``) scores at the input's size, as
+        # inference.head_logits asks it to: resizing logits instead would not be the released order.
+        at = {"size": tuple(images.shape[-2:])} if getattr(self.head, "resizes_features", False) else {}
+        return call_head(self.head, out.tokens, out.grid, text, out.cls, **at)
 
 
 class TextGraph(nn.Module):

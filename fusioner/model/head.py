@@ -133,7 +133,8 @@ class FusionHead(nn.Module):
         classes = F.normalize(classes, dim=-1)
         if size is not None and self.resizes_features:
             size = (int(size[0]), int(size[1]))
-            if visual.shape[1] == 1:
+            if visual.shape[1] == 1 or torch.compiler.is_exporting():
+                # An exported graph keeps the name count dynamic: a loop over it would fix it.
                 return self._cosines(visual, classes, grid, size) * self.scale
             # Joint: one name's patch set at a time, since k full-size d-wide feature maps at once
             # would not fit (64 names at 480 x 480, d = 512: 30 GB).
