@@ -23,7 +23,9 @@ What a ``metrics.json`` holds is read by :class:`fusioner.metrics_file.Metrics`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,11 +38,20 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from fusioner.config import RUNTIME_KEYS, Config, config_changes, load_config
+from fusioner.config import (
+    INPUT_PATH_KEYS,
+    RUNTIME_KEYS,
+    Config,
+    config_changes,
+    load_config,
+    read_yaml_mapping,
+)
 from fusioner.errors import ConfigError, DataError, FusionerError
 from fusioner.io import atomic_write_json, atomic_write_text, read_json
 from fusioner.metrics_file import Metrics
 from fusioner.model.files import CONFIG_NAME, WEIGHTS_NAME
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 TRAIN_STATE = "train_state.json"
@@ -267,7 +278,21 @@ class RunDir:
             raise FusionerError(
                 f"{self.path} is not a run directory: {CONFIG} (its training config) is missing"
             )
-        return load_config(self.config)
+        config = load_config(self.config)
+        # Runs written before config.yaml recorded absolute paths hold paths relative to the folder
+        # training started in, where a config file's own paths now start at its folder. Such a run
+        # still reads its data (from the current folder), and says so.
+        raw = read_yaml_mapping(self.config, "config file")
+        fixes = {}
+        for key in INPUT_PATH_KEYS:
+            value = raw.get(key)
+            if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+                continue
+            if not Path(getattr(config, key)).exists() and Path(value).expanduser().exists():
+                fixes[key] = str(Path(value).expanduser().resolve())
+                log.warning("%s: %s %r read from the current folder (%s), as when it was trained",
+                            self.config, key, value, fixes[key])  # fmt: skip
+        return dataclasses.replace(config, **fixes) if fixes else config
 
     def read_train_state(self) -> TrainState | None:
         """``train_state.json``, or None where training never finished a first save."""
