@@ -28,6 +28,7 @@ On a CPU, ``--device cpu --tiny`` runs every code path at toy sizes in seconds (
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -63,7 +64,10 @@ BACKBONES = {
     "ViT-B/16": Backbone("ViT-B/16", 16, 768, 12, 12, 512),
     "ViT-L/14": Backbone("ViT-L/14", 14, 1024, 24, 16, 768),
 }
-TINY_BACKBONES = {"tiny-B": Backbone("tiny-B", 16, 32, 1, 2, 24), "tiny-L": Backbone("tiny-L", 16, 48, 1, 2, 32)}
+TINY_BACKBONES = {
+    "tiny-B": Backbone("tiny-B", 16, 32, 1, 2, 24),
+    "tiny-L": Backbone("tiny-L", 16, 48, 1, 2, 32),
+}
 # The paper head: the released settings where this checkout knows them, else its closest rule.
 PAPER = getattr(head_module, "RELEASED", {"fusion_attention": "joint", "decoder": "paper"})
 KERNELS = {"flash": "flash", "efficient": "memory-efficient", "cudnn": "cuDNN", "math": "math"}
@@ -150,7 +154,9 @@ def train_row(args, device, bb: Backbone, kind: str, batch: int, precision: str,
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4)
     tokens = torch.randn(batch, grid * grid, bb.dim, device=device)
     text = F.normalize(torch.randn(batch, args.train_names, bb.text_dim, device=device), dim=-1)
-    target = (torch.rand(batch, args.train_names, args.image_size, args.image_size, device=device) > 0.5).float()
+    target = (
+        torch.rand(batch, args.train_names, args.image_size, args.image_size, device=device) > 0.5
+    ).float()
     size = (args.image_size, args.image_size)
 
     def step() -> None:
@@ -179,7 +185,9 @@ def _vit(bb: Backbone, image_size: int, device: torch.device) -> VisionTransform
 def infer_row(args, device, bb: Backbone, vit: VisionTransformer, kind: str, k: int, precision: str) -> dict:
     torch.manual_seed(0)
     grid = args.image_size // bb.patch
-    model = SimpleNamespace(head=FusionHead(_head_config(kind, bb, args.tiny)).to(device).eval(), refiner=None)
+    model = SimpleNamespace(
+        head=FusionHead(_head_config(kind, bb, args.tiny)).to(device).eval(), refiner=None
+    )
     image = torch.rand(1, 3, args.image_size, args.image_size, device=device)
     text = F.normalize(torch.randn(k, bb.text_dim, device=device), dim=-1)
     size = (args.image_size, args.image_size)
@@ -204,7 +212,7 @@ def infer_row(args, device, bb: Backbone, vit: VisionTransformer, kind: str, k: 
     }  # fmt: skip
 
 
-def sdpa_kernel(args, device, bb: Backbone, precision: str) -> str:
+def sdpa_kernel(args, device, bb: Backbone, precision: str) -> dict[str, str]:
     """The scaled-dot-product-attention kernel the default head's fusion blocks ran (profiler op names)."""
     head = FusionHead(_head_config("default", bb, args.tiny)).to(device).eval()
     grid = args.image_size // bb.patch
@@ -215,7 +223,7 @@ def sdpa_kernel(args, device, bb: Backbone, precision: str) -> str:
         head.fusion(tokens, text)
     names = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "attention" in e.key}
     found = [label for key, label in KERNELS.items() if any(key in n for n in names)]
-    return ", ".join(found) or f"none matched ({', '.join(sorted(names)) or 'no attention op'})"
+    return {"kernel": ", ".join(found) or f"none matched ({', '.join(sorted(names)) or 'no attention op'})"}
 
 
 def main() -> None:
@@ -226,7 +234,11 @@ def main() -> None:
         args.steps, args.images, args.warmup = 1, 1, 1
     bench = setup(args)
     device = bench.device
-    compile_modes = [False, True] if args.compile == "both" or (args.compile == "auto" and device.type == "cuda") else [False]
+    compile_modes = (
+        [False, True]
+        if args.compile == "both" or (args.compile == "auto" and device.type == "cuda")
+        else [False]
+    )
     backbones = TINY_BACKBONES if args.tiny else BACKBONES
     precisions = ["fp32", "bf16"]
     budget = Budget(args.budget_s)
@@ -238,31 +250,39 @@ def main() -> None:
                 for precision in precisions:
                     for compiled in compile_modes:
                         if compiled and (precision != "bf16" or batch != args.batches[0]):
-                            continue
+                            continue  # compiling costs tens of seconds: one setting per head
                         row = {"part": "train", "backbone": bb.name, "head": kind, "batch": batch,
                                "precision": precision, "compile": compiled}  # fmt: skip
-                        run = lambda: train_row(args, device, bb, kind, batch, precision, compiled)  # noqa: E731
-                        row.update({"status": "skipped (budget)"} if budget.spent() else _guard(run))
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                        run = functools.partial(train_row, args, device, bb, kind, batch, precision, compiled)
+                        rows.append(_record(row, run, budget))
     for bb in backbones.values():
         vit = _vit(bb, args.image_size, device)
         for precision in precisions:
-            kernel = _guard(lambda: {"kernel": sdpa_kernel(args, device, bb, precision)})
-            rows.append({"part": "sdpa", "backbone": bb.name, "precision": precision, **kernel})
+            kernel = functools.partial(sdpa_kernel, args, device, bb, precision)
+            rows.append(
+                _record({"part": "sdpa", "backbone": bb.name, "precision": precision}, kernel, budget)
+            )
             for kind in ("default", "paper"):
                 for k in args.ks:
                     row = {"part": "infer", "backbone": bb.name, "head": kind, "k": k, "precision": precision}
-                    run = lambda: infer_row(args, device, bb, vit, kind, k, precision)  # noqa: E731
-                    row.update({"status": "skipped (budget)"} if budget.spent() else _guard(run))
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-        del vit
+                    rows.append(
+                        _record(
+                            row,
+                            functools.partial(infer_row, args, device, bb, vit, kind, k, precision),
+                            budget,
+                        )
+                    )
 
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     report("GPU: training, inference, memory, attention kernel (benchmarks/gpu.py)", bench.environment(),
            _tables(rows), results=bench.results)  # fmt: skip
+
+
+def _record(row: dict[str, Any], run: Callable[[], dict[str, Any]], budget: Budget) -> dict[str, Any]:
+    row.update({"status": "skipped (budget)"} if budget.spent() else _guard(run))
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def _fmt(row: dict, key: str, spec: str = ".1f") -> str:
@@ -284,9 +304,14 @@ def _tables(rows: list[dict]) -> str:
         [[r["backbone"], r["head"], r["k"], r["precision"], _fmt(r, "images_s"), _fmt(r, "images_s_cached"),
           _fmt(r, "backbone_images_s"), _fmt(r, "ratio", ".2f"), r.get("peak", "")] for r in infer],
     )  # fmt: skip
-    t3 = markdown_table(["backbone", "precision", "SDPA kernel in the fusion blocks"],
-                        [[r["backbone"], r["precision"], r.get("kernel") or r.get("status")] for r in sdpa])  # fmt: skip
-    return f"Cached training (random tokens of the backbone's grid):\n\n{t1}\n\nInference, one image at a time:\n\n{t2}\n\n{t3}\n"
+    t3 = markdown_table(
+        ["backbone", "precision", "SDPA kernel in the fusion blocks"],
+        [[r["backbone"], r["precision"], r.get("kernel") or r.get("status")] for r in sdpa],
+    )
+    return (
+        f"Cached training (random tokens of the backbone's grid):\n\n{t1}\n\n"
+        f"Inference, one image at a time:\n\n{t2}\n\n{t3}\n"
+    )
 
 
 if __name__ == "__main__":

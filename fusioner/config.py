@@ -31,7 +31,8 @@ _AT_LEAST_ONE = (
 _NON_NEGATIVE = (
     "dim", "depth", "heads", "score_dim", "num_negatives", "dice_weight", "ce_weight", "max_steps",
     "weight_decay", "warmup_steps", "clip_grad", "num_workers", "fold",
-    "spectral_knn", "spectral_weight", "deep_prompts", "pseudo_weight", "global_loss_weight",
+    "spectral_knn", "spectral_weight", "deep_prompts", "pseudo_weight", "global_loss_weight", "global_bank",
+    "sazs_edge_weight",
 )  # fmt: skip
 
 
@@ -142,15 +143,23 @@ class Config:
     spectral_knn: int = 0  # > 0 keeps each token's knn strongest affinities
     sazs_min_iou: float = 0.5  # sazs: an eigen-mask replaces a name's mask from this IoU with it
     spectral_weight: float = 0.0  # training: pull predictions toward the eigen-segments (ours, not SAZS)
+    sazs_edge_weight: float = 0.0  # training: SAZS's edge branch terms (methods/sazs_edges.py); 1 = SAZS's
     deep_prompts: int = 0  # zegclip: prompt tokens per block of a CLIP or timm ViT (needs use_cache=false)
     zegformer_grouping: str = "queries"  # queries (learned, class-agnostic) | spectral
     zegformer_queries: int = 16  # mask queries (or spectral segments)
     zegformer_lambda: float = 2 / 3  # ZegFormer's fusion exponent (seen: segment^l x CLIP^(1-l))
-    pseudo_labels: str = "none"  # none | kmeans (CLIP-ZSS pixel learning)
-    pseudo_clusters: int = 4  # K-means pseudo-classes per image
-    pseudo_scales: list[str] = field(default_factory=lambda: ["1", "3"])  # neighbourhoods fused
+    # none | clip-zss (CLIP-ZSS pixel learning, methods/pseudo_labels.py) | kmeans (earlier fixed-K variant)
+    pseudo_labels: str = "none"
+    pseudo_clusters: int = 4  # clip-zss: the most pseudo-classes per image; kmeans: exactly this many
+    # clip-zss: K-means seed windows in tokens (s x s); kmeans: neighbourhoods fused into descriptors
+    pseudo_scales: list[str] = field(default_factory=lambda: ["1", "3"])
+    pseudo_merge: float = 0.85  # clip-zss: clusters whose centroids' cosine exceeds this merge
     pseudo_weight: float = 0.5
-    global_loss_weight: float = 0.0  # CLIP-ZSS global term (needs a backbone with a CLS token)
+    global_loss_weight: float = 0.0  # CLIP-ZSS global learning (the teacher's CLS queries the head)
+    global_bank: int = 256  # CLIP-ZSS: earlier batches' CLS tokens kept as negatives
+    # CLIP-ZSS's frozen teacher (methods/teacher.py), training only; empty = the run's own backbone
+    teacher_vision: str = ""
+    teacher_weights: str = ""  # as vision_weights, for the teacher; empty = its default weights
 
     def __post_init__(self) -> None:
         self._check_ranges()

@@ -56,7 +56,7 @@ def metrics_target(source: str | Path, config: Config, out: str | Path | None) -
         if target.suffix != ".json":
             target = target / METRICS
         owner = RunDir(target.parent)
-        changes = differing(owner.read_config(), config) if owner.config.is_file() else {}
+        changes = differing(owner.read_config(), config) if owner.is_run() and owner.config.is_file() else {}
         if target.name == METRICS and changes:
             raise FusionerError(
                 f"--out {target} is the metrics.json of run {owner.path}, its figures under its own "

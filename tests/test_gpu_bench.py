@@ -22,7 +22,9 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert {(r["head"], r["precision"], r["batch"]) for r in train} == {
         (h, p, b) for h in ("paper", "default") for p in ("fp32", "bf16") for b in (1, 2)
     }
-    assert all("status" not in r and r["steps_s"] > 0 and r["images_s"] == r["steps_s"] * r["batch"] for r in train)
+    assert all(
+        "status" not in r and r["steps_s"] > 0 and r["images_s"] == r["steps_s"] * r["batch"] for r in train
+    )
     assert {r["k"] for r in infer} == {1, 20} and all("status" not in r and r["ratio"] > 0 for r in infer)
     assert all(r.get("kernel") and "none matched" not in r["kernel"] for r in sdpa), sdpa
     assert "GPU: training, inference" in result.stdout and "SDPA kernel" in result.stdout

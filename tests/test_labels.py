@@ -7,7 +7,13 @@ from torch.nn import functional as F
 from fusioner import labels as labels_module
 from fusioner.labels import best_name, upsample
 
-SIZES = [((14, 14), (56, 56)), ((28, 28), (224, 224)), ((13, 17), (100, 71)), ((20, 30), (11, 13)), ((7, 9), (7, 9))]
+SIZES = [
+    ((14, 14), (56, 56)),
+    ((28, 28), (224, 224)),
+    ((13, 17), (100, 71)),
+    ((20, 30), (11, 13)),
+    ((7, 9), (7, 9)),
+]
 
 
 @pytest.mark.parametrize(("low", "full"), SIZES)
@@ -121,5 +127,7 @@ def test_evaluation_scores_equal_the_full_computation(tiny_model):
     value, index = scores.best(slice(25, None))
     assert torch.equal(index, full[25:].argmax(0)) and torch.equal(value, full[25:].amax(0))
     # and what predict computes (F.interpolate), up to float ties
-    agree = scores.labels(0.5) == labels_from_logits(image_logits(tiny_model, image, text, size=64)[None], 0.5)[0]
+    agree = (
+        scores.labels(0.5) == labels_from_logits(image_logits(tiny_model, image, text, size=64)[None], 0.5)[0]
+    )
     assert agree.float().mean() > 0.999

@@ -53,6 +53,7 @@ def test_the_methods_sweep_expands_to_each_design_and_its_shuffled_baseline():
     assert ("zegclip", "none", "none", "queries", 0.0) in designs
     assert ("fusioner", "spectral", "none", "queries", 0.0) in designs
     assert ("fusioner", "none", "kmeans", "queries", 0.0) in designs
+    assert ("fusioner", "none", "clip-zss", "queries", 0.0) in designs  # CLIP-ZSS with its teacher
     assert ("zegformer", "none", "none", "spectral", 0.0) in designs
     assert ("fusioner", "spectral", "none", "queries", 1.0) in designs  # SAZS: the training term too
     assert len(sweep.runs) == 2 * len(designs)

@@ -29,6 +29,10 @@ def tiny_clip_adapters(monkeypatch):
         model_module, "create_vision", partial(_tiny, model_module.create_vision, TINY_VISION)
     )
     monkeypatch.setattr(model_module, "create_text", partial(_tiny, model_module.create_text, TINY_TEXT))
+    # CLIP-ZSS's teacher (methods/teacher.py) is built through the adapters package
+    import fusioner.adapters as adapters
+
+    monkeypatch.setattr(adapters, "create_vision", partial(_tiny, adapters.create_vision, TINY_VISION))
 
 
 def test_the_methods_sweep_names_the_clip_pair_and_every_design():
@@ -50,9 +54,10 @@ def test_every_design_of_the_methods_sweep_trains_a_step_and_evaluates_on_tiny_c
         f"data_path={voc_folder}", "unseen_classes=[cow, sheep]", "image_size=64", "batch_size=2",
         "epochs=1", "max_steps=1", "warmup_steps=0", "num_negatives=2", "shuffle_names=false",
         "eval_split=val", "vision_weights=random", "text_weights=random", f"cache_dir={tmp_path / 'cache'}",
+        "teacher_weights=random",
     ]  # fmt: skip
     sweep = load_sweep(SWEEP, overrides, out=tmp_path / "sweep")
-    assert len(sweep.runs) == 8  # one per design (shuffled baselines overridden away)
+    assert len(sweep.runs) == 9  # one per design (shuffled baselines overridden away)
     for run in sweep.runs:
         result = train(run.config)
         assert result.steps == 1, run.name

@@ -94,7 +94,8 @@ class _Scorer:
         image = sample["image"].to(self.device)
         size = tuple(image.shape[-2:])
         if self.settings.mode == "fixed":
-            return ImageScores(decoder_logits(self.model, image, text, self.settings.image_size, tokens, cls), size)
+            logits = decoder_logits(self.model, image, text, self.settings.image_size, tokens, cls)
+            return ImageScores(logits, size)
         logits = image_logits(self.model, image, text, size=self.settings.image_size, mode=self.settings.mode)
         return ImageScores(logits, size)
 

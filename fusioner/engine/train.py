@@ -38,6 +38,7 @@ from fusioner.engine.cache import prepare_cache
 from fusioner.engine.train_data import CachedSource, ImageSource, make_loader
 from fusioner.errors import FusionerError
 from fusioner.methods import build_objective
+from fusioner.methods.teacher import TeacherOutput, build_teacher
 from fusioner.model import FusionerModel
 from fusioner.model.losses import mask_loss, rank_loss, resize_labels
 from fusioner.run import RunDir
@@ -181,16 +182,23 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
     # others wait for it, then read what it wrote: each image is encoded once. Not main_process_first:
     # its barrier is a collective that times out (10 min under NCCL) while a first fill of a large
     # set takes longer; a file lock waits as long as the fill takes.
+    # CLIP-ZSS's frozen teacher (None unless teacher_vision is set): cached in a folder of its own.
+    teacher = build_teacher(config)
+    if teacher is not None:
+        teacher.to(device)
     source = (
         CachedSource(
             prepare_cache(config, model.vision, split.train, device),
             [split.train.item_id(i) for i in range(len(split.train))],
+            prepare_cache(config, teacher, split.train, device) if teacher is not None else None,
         )
         if config.use_cache
         else ImageSource(split.train, config.image_size)
     )
     if source.cached:
         model.vision.to("cpu")  # its work is done: give the accelerator's memory to the head
+        if teacher is not None:
+            teacher.to("cpu")
     similarity = None
     if config.hard_negatives:
         unit = torch.nn.functional.normalize(vocab.float(), dim=-1).cpu()
@@ -204,7 +212,7 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
             f"{config.batch_size} and grad_accum={config.grad_accum}"
         )
     # Terms beyond the head's own loss (fusioner/methods/objective.py); None for the plain head.
-    objective = build_objective(config, model.head, model.vision, model.text.embed_dim, vocab)
+    objective = build_objective(config, model.head, model.vision, model.text.embed_dim, vocab, teacher)
     trained = [*model.head.parameters(), *(objective.parameters() if objective is not None else ())]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     if config.compile:
@@ -245,8 +253,18 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
                     tokens, grid, cls = out.tokens, out.grid, out.cls
                 class_idx = batch["class_idx"].to(device)
                 target = batch["target"].to(device)
+                taught = None
+                if teacher is not None and source.cached:
+                    t = batch["teacher"].to(device).float()
+                    t_cls = batch.get("teacher_cls")
+                    t_cls = t_cls.to(device).float() if t_cls is not None else None
+                    taught = TeacherOutput(t.flatten(1, 2), (t.shape[1], t.shape[2]), t_cls)
+                elif teacher is not None:
+                    with torch.no_grad():
+                        out = teacher(x)
+                    taught = TeacherOutput(out.tokens, out.grid, out.cls)
                 if objective is not None:
-                    loss = objective(head, tokens, grid, vocab, class_idx, target, cls=cls)
+                    loss = objective(head, tokens, grid, vocab, class_idx, target, cls=cls, teacher=taught)
                 else:
                     loss = head_loss(
                         head, tokens, grid, vocab, class_idx, target, config.dice_weight, config.ce_weight

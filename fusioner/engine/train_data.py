@@ -46,8 +46,9 @@ class CachedSource:
 
     cached = True
 
-    def __init__(self, cache: FeatureCache, ids: list[str]) -> None:
-        self.cache, self.ids = cache, ids
+    def __init__(self, cache: FeatureCache, ids: list[str], teacher: FeatureCache | None = None) -> None:
+        # teacher: CLIP-ZSS's frozen teacher's own cache (methods/teacher.py), read beside the student's
+        self.cache, self.ids, self.teacher = cache, ids, teacher
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,6 +60,11 @@ class CachedSource:
     def cls(self, index: int) -> Tensor | None:
         """The item's cached CLS token ``c`` (ZegCLIP's image embedding), None when the backbone has none."""
         return self.cache.read(self.ids[index]).cls
+
+    def teacher_item(self, index: int) -> tuple[Tensor, Tensor | None]:
+        """The teacher's cached tokens ``gh gw c`` and CLS ``c`` of the item."""
+        item = self.teacher.read(self.ids[index])
+        return item.tokens, item.cls
 
 
 # -- one training example --------------------------------------------------------------------------
@@ -120,7 +126,19 @@ class TrainView(Dataset):
         example = {"x": x, "target": target, "present": present, "absent": absent.tolist()}
         if self.source.cached:  # the backbone does not run: its CLS comes from the cache too
             example["cls"] = self.source.cls(v % len(self.source))
+        if getattr(self.source, "teacher", None) is not None:
+            example["teacher"], example["teacher_cls"] = self._teacher(v, mask)
         return example
+
+    def _teacher(self, v: int, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The teacher's tokens under the same flips as the student's: the augmentations are
+        replayed with a generator drawn from the same ``(seed, v)`` (a flip draws one number
+        whatever the grid), so both see one picture."""
+        tokens, cls = self.source.teacher_item(v % len(self.source))
+        rng, x = np.random.default_rng([self.seed, v]), tokens.permute(2, 0, 1)
+        for augmentation in self.augmentations:
+            x, _ = augmentation.apply(x, mask, rng)
+        return x.permute(1, 2, 0), cls
 
 
 def make_collate(num_negatives: int, vocab_size: int):
@@ -135,6 +153,12 @@ def make_collate(num_negatives: int, vocab_size: int):
             "target": torch.stack([it["target"] for it in items]),  # b h w
             # b c: cached CLS tokens; empty when the backbone has none or runs on each step
             "cls": torch.stack([it["cls"] for it in items]) if items[0].get("cls") is not None else None,
+            # CLIP-ZSS's cached teacher: tokens b gh gw c and CLS b c (absent without one)
+            **{
+                key: torch.stack([it[key] for it in items])
+                for key in ("teacher", "teacher_cls")
+                if items[0].get(key) is not None
+            },
         }
 
     return collate

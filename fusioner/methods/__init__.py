@@ -4,7 +4,8 @@
 ``zegclip`` (zegclip.py), ``zegformer`` (zegformer.py). ``refine`` (:data:`REFINERS`): ``none`` |
 ``spectral`` (spectral.py) | ``sazs`` (sazs.py: SAZS's eigen-mask swap), applied inside
 fusioner/inference.py. ``pseudo_labels``
-(:data:`PSEUDO_LABELS`): ``none`` | ``kmeans`` (pseudo_labels.py). Importing this package imports
+(:data:`PSEUDO_LABELS`): ``none`` | ``clip-zss`` | ``kmeans`` (pseudo_labels.py; CLIP-ZSS's
+teacher and training modules: teacher.py, clip_zss.py). Importing this package imports
 the implementations, whose registrations fill the tables.
 """
 

@@ -66,7 +66,7 @@ def check_config(config: Any) -> None:
             f"config key 'zegformer_grouping': {config.zegformer_grouping!r} is not one of "
             f"{', '.join(GROUPINGS)}"
         )
-    for key in ("refine_weight", "zegformer_lambda", "sazs_min_iou"):
+    for key in ("refine_weight", "zegformer_lambda", "sazs_min_iou", "pseudo_merge"):
         if not 0 <= getattr(config, key) <= 1:
             raise ConfigError(f"config key {key!r}: expected 0 to 1, got {getattr(config, key)!r}")
     for key in ("spectral_eigs", "spectral_segments", "zegformer_queries", "pseudo_clusters"):
@@ -76,6 +76,11 @@ def check_config(config: Any) -> None:
         raise ConfigError(
             "config key 'pseudo_scales': expected window sizes of 1 or more (e.g. [1, 3]), "
             f"got {config.pseudo_scales!r}"
+        )
+    if config.teacher_vision and config.pseudo_labels != "clip-zss" and not config.global_loss_weight:
+        raise ConfigError(
+            f"config key 'teacher_vision': {config.teacher_vision!r} teaches only CLIP-ZSS's terms; "
+            "set pseudo_labels=clip-zss or global_loss_weight > 0, or leave it empty"
         )
     if config.deep_prompts and config.method != "zegclip":
         raise ConfigError(

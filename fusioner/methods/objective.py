@@ -7,8 +7,15 @@ returns an :class:`Objective` only when something more is asked, so the default 
 - a method's own mask loss over every seen name (ZegCLIP: ``Method.all_seen`` and ``Method.loss``);
 - ``spectral_weight``: a pull of predictions toward the eigen-segments (methods/spectral.py; this
   library's term, not SAZS's);
-- ``pseudo_labels: kmeans`` (+ ``pseudo_weight``): CLIP-ZSS pseudo-classes (methods/pseudo_labels.py);
-- ``global_loss_weight``: CLIP-ZSS's global contrastive term.
+- ``pseudo_labels: clip-zss`` (+ ``pseudo_weight``): CLIP-ZSS's pixel learning, pseudo-classes from
+  the teacher's dense tokens (methods/pseudo_labels.py) named by the synthesizer from student-feature
+  centroids and the teacher's CLS, cross-entropy over seen + pseudo names, seen names anchored to
+  their text (methods/clip_zss.py); ``kmeans``: the library's earlier fixed-K variant;
+- ``global_loss_weight``: CLIP-ZSS's global learning (CLS-query attention pooling, CLS bank);
+- ``sazs_edge_weight``: SAZS's boundary / edge constraint (methods/sazs_edges.py).
+
+CLIP-ZSS's teacher is ``teacher_vision`` (methods/teacher.py); without one the run's own backbone
+stands in (its tokens and CLS).
 
 The objective's own parameters (the synthesizer, the global projection) train with the head and are
 checkpointed with it as ``objective.safetensors`` (engine/checkpoint.py: never a pickle); they are not
@@ -21,13 +28,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from einops import reduce
 from torch import Tensor, nn
 
 from fusioner.errors import FusionerError
-from fusioner.methods.pseudo_labels import Synthesizer, global_contrastive
+from fusioner.methods import clip_zss
+from fusioner.methods.pseudo_labels import Synthesizer
 from fusioner.methods.registry import PSEUDO_LABELS, call_head, method_of
+from fusioner.methods.sazs_edges import EdgeHead, sazs_edge_loss
 from fusioner.methods.spectral import SpectralRefiner, eigen_segment_consistency
+from fusioner.methods.teacher import TeacherOutput, teacher_dim
 from fusioner.model.losses import mask_loss, rank_loss, resize_labels
 
 
@@ -49,15 +58,10 @@ def _captured(module: nn.Module | None):
         handle.remove()
 
 
-def _pool(features: Tensor, batch: int) -> Tensor:
-    """Dense features ``(b q) d h w`` or ``b n d`` -> one vector per image ``b d``."""
-    if features.ndim == 4:
-        return reduce(features, "(b q) d h w -> b d", "mean", b=batch)
-    return reduce(features, "b n d -> b d", "mean")
-
-
 class Objective(nn.Module):
-    def __init__(self, config: Any, head: nn.Module, vision: Any, text_dim: int) -> None:
+    def __init__(
+        self, config: Any, head: nn.Module, vision: Any, text_dim: int, teacher: Any | None = None
+    ) -> None:
         super().__init__()
         self.method = method_of(head)
         self.dice_weight, self.ce_weight = config.dice_weight, config.ce_weight
@@ -77,16 +81,29 @@ class Objective(nn.Module):
             config.seed,
         )
         self.scales = tuple(int(s) for s in config.pseudo_scales)
-        self.synthesizer = Synthesizer(vision.embed_dim, text_dim) if self.pseudo is not None else None
+        self.published = config.pseudo_labels == "clip-zss"
+        self.merge = getattr(config, "pseudo_merge", 0.85)
+        clip_dim = teacher_dim(vision, teacher)
+        self.synthesizer: nn.Module | None = None
+        if self.published:
+            self.synthesizer = clip_zss.Synthesizer(vision.embed_dim, clip_dim, text_dim)
+        elif self.pseudo is not None:
+            self.synthesizer = Synthesizer(vision.embed_dim, text_dim)
         self.global_weight = config.global_loss_weight
-        self.global_proj = None
+        self.global_term = None
         if self.global_weight:
-            if getattr(vision, "has_cls", True) is False:
+            if teacher is None and getattr(vision, "has_cls", True) is False:
                 raise FusionerError(
                     f"config key 'global_loss_weight': vision backbone {vision.name!r} has no CLS token "
-                    "to pull the pooled dense features toward; use a ViT / CLIP backbone or set it to 0"
+                    "to query its dense features with; name a CLIP teacher (teacher_vision=clip_vitb16) "
+                    "or set it to 0"
                 )
-            self.global_proj = nn.Linear(self.method.dense_dim(_unwrap(head)), vision.embed_dim)
+            self.global_term = clip_zss.GlobalLearning(
+                self.method.dense_dim(_unwrap(head)), clip_dim, getattr(config, "global_bank", 256)
+            )
+
+        self.edge_weight = getattr(config, "sazs_edge_weight", 0.0)
+        self.edge_head = EdgeHead(self.method.dense_dim(_unwrap(head))) if self.edge_weight else None
 
     def forward(
         self,
@@ -97,15 +114,31 @@ class Objective(nn.Module):
         class_idx: Tensor,
         target: Tensor,
         cls: Tensor | None = None,
+        teacher: TeacherOutput | None = None,
     ) -> Tensor:
-        """Same inputs as ``engine.train.head_loss`` (+ the backbone's CLS ``b c`` for the global term)."""
+        """Same inputs as ``engine.train.head_loss`` (+ the backbone's CLS ``b c``, and CLIP-ZSS's
+        teacher view of the batch: None = the backbone is its own teacher)."""
         tokens = tokens.float()
+        view = teacher if teacher is not None else TeacherOutput(tokens, grid, cls)
         if self.method.all_seen:  # every seen name on every image, not the sampled ones
             class_idx = torch.arange(len(vocab), device=class_idx.device).expand(class_idx.shape[0], -1)
         text = vocab[class_idx]  # b k ct
         k = text.shape[1]
-        pseudo = None
-        if self.synthesizer is not None:
+        pseudo, anchor = None, tokens.new_zeros(())
+        if self.published:
+            pseudo, counts = self.pseudo(
+                view.tokens.detach(), view.grid, target, clusters=self.clusters, scales=self.scales,
+                merge=self.merge,
+            )  # fmt: skip
+            ids = torch.arange(int(counts.max()), device=target.device).expand(len(target), -1)
+            seen_c, seen_present = clip_zss.class_centroids(tokens.detach(), grid, target, class_idx + 1)
+            pseudo_c, pseudo_present = clip_zss.class_centroids(tokens.detach(), grid, pseudo, ids)
+            synthesized = self.synthesizer(
+                torch.cat([seen_c, pseudo_c], 1), view.cls, torch.cat([seen_present, pseudo_present], 1)
+            )
+            anchor = self.pseudo_weight * clip_zss.anchor_loss(synthesized[:, :k], text, seen_present)
+            text = torch.cat([text, synthesized[:, k:].to(text.dtype)], dim=1)
+        elif self.synthesizer is not None:
             pseudo, prototypes = self.pseudo(
                 tokens.detach(), grid, target, clusters=self.clusters, scales=self.scales, seed=self.seed
             )
@@ -113,7 +146,8 @@ class Objective(nn.Module):
         plain = _unwrap(head)
         if hasattr(plain, "remember_seen"):  # ZegFormer fuses seen and unseen names differently
             plain.remember_seen(vocab)
-        dense = plain.get_submodule(self.method.dense_module) if self.global_proj is not None else None
+        wants_dense = self.global_term is not None or self.edge_head is not None
+        dense = plain.get_submodule(self.method.dense_module) if wants_dense else None
         with _captured(dense) as features:
             extra = {"return_aux": True} if self.method_term else {}
             out = call_head(head, tokens, grid, text, cls, **extra)
@@ -131,7 +165,15 @@ class Objective(nn.Module):
         if self.ce_weight and self.method.loss is None and self.method.pixel_loss:
             answered = valid & ((labels == 0) | targets.any(1).bool())
             loss = loss + self.ce_weight * rank_loss(named, targets, answered)
-        if pseudo is not None:
+        if pseudo is not None and self.published:
+            pseudo = resize_labels(pseudo, logits.shape[-2:])
+            loss = (
+                loss
+                + anchor
+                + self.pseudo_weight
+                * clip_zss.seen_and_pseudo_loss(logits, labels, class_idx, pseudo, pseudo_present)
+            )
+        elif pseudo is not None:
             pseudo = resize_labels(pseudo, logits.shape[-2:])
             masks = pseudo[:, None] == torch.arange(self.clusters, device=pseudo.device)[None, :, None, None]
             loss = loss + self.pseudo_weight * mask_loss(
@@ -141,18 +183,26 @@ class Objective(nn.Module):
             loss = loss + plain.aux_loss(aux, labels, self.dice_weight)
         if self.refiner is not None:
             loss = loss + self.spectral_weight * eigen_segment_consistency(named, tokens, grid, self.refiner)
-        if self.global_proj is not None:
-            if cls is None:
+        if self.edge_head is not None:
+            edge = sazs_edge_loss(self.edge_head, features[-1], named, target, class_idx)
+            loss = loss + self.edge_weight * edge
+        if self.global_term is not None:
+            if view.cls is None:
                 raise FusionerError(
-                    "config key 'global_loss_weight': the backbone returned no CLS token for this batch"
+                    "config key 'global_loss_weight': the teacher returned no CLS token for this batch"
                 )
-            pooled = self.global_proj(_pool(features[-1], tokens.shape[0]))
-            loss = loss + self.global_weight * global_contrastive(pooled, cls)
+            dense_features = clip_zss.dense_tokens(features[-1], tokens.shape[0])
+            loss = loss + self.global_weight * self.global_term(dense_features, view.cls)
         return loss
 
 
 def build_objective(
-    config: Any, head: nn.Module, vision: Any, text_dim: int, vocab: Tensor | None = None
+    config: Any,
+    head: nn.Module,
+    vision: Any,
+    text_dim: int,
+    vocab: Tensor | None = None,
+    teacher: Any | None = None,
 ) -> Objective | None:
     """The objective ``config`` asks for, or None when the head's own ``head_loss`` is the whole loss.
 
@@ -169,5 +219,6 @@ def build_objective(
         or config.spectral_weight
         or config.pseudo_labels != "none"
         or config.global_loss_weight
+        or getattr(config, "sazs_edge_weight", 0.0)
     )
-    return Objective(config, head, vision, text_dim) if extra else None
+    return Objective(config, head, vision, text_dim, teacher) if extra else None

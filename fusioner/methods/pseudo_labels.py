@@ -1,21 +1,28 @@
-"""CLIP-ZSS-style pseudo-supervision: K-means pseudo-classes in unannotated regions, and a global term.
+"""CLIP-ZSS pseudo-supervision: pseudo-classes in unannotated regions, and the library's old global term.
 
 CLIP-ZSS (Chen, Deguchi, Zhang, Zheng, Murase, "CLIP Is Also a Good Teacher: A New Learning Framework
-for Inductive Zero-shot Semantic Segmentation", arXiv 2310.02296, 2023) trains on what the annotation
-leaves out. *Pixel Learning*: multi-scale K-means over the
-frozen dense tokens of each training image marks clusters in background / unannotated regions;
-they supervise the model as pseudo-classes, whose "names" are the cluster means mapped into the
-text space by a small synthesizer, so the head learns to separate things it has no names for
-(instead of learning "everything unnamed is background"). *Global Learning*: a contrastive term
-pulling each image's pooled dense features toward its own CLS token and away from the other images'.
+for Inductive Zero-shot Semantic Segmentation", arXiv 2310.02296, 2023), *Pixel Learning*: the frozen
+CLIP teacher's dense tokens of each training image are clustered where the annotation says nothing
+(background), and the clusters supervise the student as pseudo-classes, so the head learns to
+separate things it has no names for instead of learning "everything unnamed is background".
 
-Multi-scale here: each token's descriptor concatenates its unit feature averaged over an ``s x s``
-window for every ``s`` of ``scales`` (config key ``pseudo_scales``, default 1 and 3: the token
-itself and its 3 x 3 neighbourhood), so one K-means sees fine and coarse context at once. The number
-of clusters is fixed (``pseudo_clusters``): CLIP-ZSS's window seeds and merging of similar clusters
-are not here, nor are its CLIP teacher (the clusters are of the run's own frozen tokens) and its
-CLS-query attention pooling (the global term pools the head's dense features by their mean);
-clusters form over tokens whose pixels are all background (label 0), and the pseudo masks are cut
+Two pseudo-label makers are registered (config key ``pseudo_labels``):
+
+- ``clip-zss`` (:func:`clip_zss_pseudo_labels`): the paper's recipe as far as its text describes it
+  (no code is public; the formulas below are this library's reading, stated where it chooses):
+  for every window size ``s`` of ``pseudo_scales`` the token grid is cut into ``s x s`` windows,
+  the mean unit token of each window is one K-means *seed* (so the number of seeds follows the
+  image, not a fixed K), cosine K-means runs from those seeds; the clusters of all scales are then
+  fused by merging, most similar pair first, every two whose centroids' cosine exceeds
+  ``pseudo_merge`` (the merged centroid is the direction of the two clusters' summed unit tokens),
+  and at most ``pseudo_clusters`` survive. Each background token takes its nearest surviving
+  centroid. The student-side prototypes and the synthesizer are in methods/clip_zss.py.
+- ``kmeans`` (:func:`kmeans_pseudo_labels`): the library's earlier fixed-K variant on the run's own
+  tokens (multi-scale *descriptors*: each token's unit feature averaged over ``s x s``
+  neighbourhoods, concatenated; K = ``pseudo_clusters``), with an MLP :class:`Synthesizer` and the
+  mean-pooled :func:`global_contrastive` term. Not the paper's; kept under its own name.
+
+Both form clusters over tokens whose pixels are all background (label 0) and cut the pseudo masks
 to the background pixels at full resolution: a pseudo-class never covers an annotated or ignored pixel.
 """
 
@@ -30,6 +37,13 @@ from torch.nn import functional as F
 
 from fusioner.methods.registry import PSEUDO_LABELS
 from fusioner.methods.spectral import kmeans, segment_map
+
+
+def background_tokens(target: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Labels ``b h w`` -> ``b (gh gw)``: True where every pixel under the token is background (0)."""
+    background = (target == 0).float()[:, None]
+    cell = F.adaptive_max_pool2d(1 - background, grid)[:, 0] == 0  # b gh gw: no non-background pixel
+    return rearrange(cell, "b gh gw -> b (gh gw)")
 
 
 def multiscale_descriptors(tokens: Tensor, grid: tuple[int, int], scales: Sequence[int]) -> Tensor:
@@ -59,10 +73,7 @@ def kmeans_pseudo_labels(
     A prototype is the mean frozen token of its cluster (zeros for a cluster left empty).
     """
     b, n, c = tokens.shape
-    # A token is eligible when every pixel under it is background: the min and max of its cell.
-    background = (target == 0).float()[:, None]
-    cell = F.adaptive_max_pool2d(1 - background, grid)[:, 0] == 0  # b gh gw: no non-background pixel
-    eligible = rearrange(cell, "b gh gw -> b (gh gw)")
+    eligible = background_tokens(target, grid)
     desc = multiscale_descriptors(tokens, grid, scales)
     ids = torch.full((b, n), -1, dtype=torch.long, device=tokens.device)
     protos = tokens.new_zeros(b, clusters, c, dtype=torch.float32)
@@ -98,4 +109,88 @@ def global_contrastive(pooled: Tensor, cls: Tensor, temperature: float = 0.07) -
     return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
+# -- CLIP-ZSS: window seeds, seeded cosine K-means, merging of similar clusters ---------------------
+def window_seeds(units: Tensor, grid: tuple[int, int], eligible: Tensor, window: int) -> Tensor:
+    """Unit tokens ``n c`` of one image, eligible ``n`` -> seeds ``m c``: the mean eligible unit
+    token of each ``window x window`` cell of the grid (unit norm; cells with none are skipped)."""
+    gh, gw = grid
+    across = -(-gw // window)  # windows per row, the last one partial
+    rows = torch.arange(gh, device=units.device).repeat_interleave(gw) // window
+    cols = torch.arange(gw, device=units.device).repeat(gh) // window
+    cell = (rows * across + cols)[eligible]
+    cells = -(-gh // window) * across
+    sums = units.new_zeros(cells, units.shape[1]).index_add_(0, cell, units[eligible])
+    count = torch.bincount(cell, minlength=cells)
+    return F.normalize(sums[count > 0], dim=-1)
+
+
+def seeded_kmeans(units: Tensor, seeds: Tensor, iters: int = 10) -> tuple[Tensor, Tensor]:
+    """Cosine K-means of unit points ``n c`` from ``seeds`` ``k c`` -> (summed unit points per
+    non-empty cluster ``m c``, sizes ``m``). Deterministic: the seeds are the only start."""
+    centres = seeds
+    for _ in range(iters):
+        onehot = F.one_hot((units @ centres.T).argmax(-1), len(centres)).to(units.dtype)  # n k
+        count = onehot.sum(0)
+        centres = torch.where(count[:, None] > 0, F.normalize(onehot.T @ units, dim=-1), centres)
+    onehot = F.one_hot((units @ centres.T).argmax(-1), len(centres)).to(units.dtype)
+    count = onehot.sum(0)
+    return (onehot.T @ units)[count > 0], count[count > 0]
+
+
+def merge_similar(sums: Tensor, sizes: Tensor, threshold: float, most: int) -> Tensor:
+    """Clusters as summed unit points ``m c`` (sizes ``m``) -> merged centroids ``m' c`` (unit).
+
+    Agglomerative: while two centroids' cosine exceeds ``threshold``, or more than ``most``
+    clusters remain, the most similar pair becomes one cluster (its points' sum, so the centroid
+    is the size-weighted direction of the two).
+    """
+    sums, sizes = sums.clone(), sizes.clone()
+    while len(sums) > 1:
+        unit = F.normalize(sums, dim=-1)
+        sim = (unit @ unit.T).fill_diagonal_(-float("inf"))
+        best = int(sim.argmax())
+        i, j = divmod(best, len(sums))
+        if sim[i, j] <= threshold and len(sums) <= most:
+            break
+        sums[i], sizes[i] = sums[i] + sums[j], sizes[i] + sizes[j]
+        keep = torch.arange(len(sums), device=sums.device) != j
+        sums, sizes = sums[keep], sizes[keep]
+    return F.normalize(sums, dim=-1)
+
+
+@torch.no_grad()
+def clip_zss_pseudo_labels(
+    tokens: Tensor,
+    grid: tuple[int, int],
+    target: Tensor,
+    *,
+    clusters: int = 8,
+    scales: Sequence[int] = (2, 4),
+    merge: float = 0.85,
+    **_: object,
+) -> tuple[Tensor, Tensor]:
+    """Teacher tokens ``b n c``, labels ``b h w`` -> (pseudo labels ``b h w``: ``0 .. m-1`` or -1,
+    clusters per image ``b``). ``scales``: window sizes in tokens; ``clusters``: the most kept."""
+    b = tokens.shape[0]
+    units = F.normalize(tokens.float(), dim=-1)
+    eligible = background_tokens(target, grid)
+    ids = torch.full(eligible.shape, -1, dtype=torch.long, device=tokens.device)
+    counts = torch.zeros(b, dtype=torch.long, device=tokens.device)
+    for i in range(b):
+        if int(eligible[i].sum()) < 2:
+            continue
+        points = units[i, eligible[i]]
+        found = [seeded_kmeans(points, window_seeds(units[i], grid, eligible[i], s)) for s in scales]
+        centres = merge_similar(
+            torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found]), merge, clusters
+        )
+        assign = (points @ centres.T).argmax(-1)
+        used = torch.bincount(assign, minlength=len(centres)) > 0
+        ids[i, eligible[i]] = (torch.cumsum(used.long(), 0) - 1)[assign]  # empty ones dropped
+        counts[i] = int(used.sum())
+    labels = segment_map(ids, grid, tuple(target.shape[-2:]))
+    return torch.where(target == 0, labels, torch.full_like(labels, -1)), counts
+
+
 PSEUDO_LABELS["kmeans"] = kmeans_pseudo_labels
+PSEUDO_LABELS["clip-zss"] = clip_zss_pseudo_labels

@@ -17,7 +17,9 @@ the model's own output:
   name's logits keep their magnitude and take the eigen-mask's sign.
 
 The graph is built on the run's own tokens, or on another frozen backbone's (``refine_vision``,
-e.g. ``dino_vitb16`` as SAZS does). SAZS's training-time boundary / edge constraint is not here.
+e.g. ``dino_vitb16`` as SAZS does). SAZS's training-time boundary / edge constraint is
+methods/sazs_edges.py (``sazs_edge_weight``). The eigenvectors are computed at inference and kept for
+the last image only; SAZS precomputes them offline per image (not done here).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ SAZS (Liu et al., "Delving into Shape-aware Zero-shot Semantic Segmentation", CV
 code Liuxinyv/SAZS) builds on the Laplacian eigenvectors of a self-supervised backbone's patch
 affinities (the deep-spectral-segmentation recipe); this module shares that graph and its
 eigenvectors (:func:`affinity`, :func:`laplacian_eigenvectors`) but is not SAZS (SAZS's eigen-mask
-swap, label-free, is methods/sazs.py; its boundary constraint is not in this library). What is
+swap, label-free, is methods/sazs.py; its boundary constraint methods/sazs_edges.py). What is
 here, training-free and for any method: an affinity graph over the patch tokens (cosine, negative
 affinities cut, optionally only each token's ``knn`` nearest neighbours kept), the first ``eigs``
 eigenvectors of its normalised Laplacian, K-means (seeded, in torch) over their row-normalised
