@@ -352,8 +352,9 @@ def load_config(
     """Read ``path`` (YAML), apply ``key=value`` overrides then keyword overrides, validate.
 
     Relative input paths (:data:`INPUT_PATH_KEYS`, and weights files that exist) are made absolute:
-    from the config file's folder for its values, from the current folder for overrides; keyword
-    arguments are kept as given (Python resolves them against the current folder anyway).
+    from the config file's folder for its values, from the current folder for overrides and keyword
+    arguments (where Python would resolve them anyway): a run's config.yaml then names one folder
+    whichever way it was started, so a sweep and a command line compare equal.
     ``check_paths``: refuse a relative input path that does not exist, saying which base it was
     resolved against (commands that read the data ask for it; merely loading a config does not).
     """
@@ -371,9 +372,9 @@ def load_config(
     # Resolved after merging: a file's placeholder path that the command line replaces is never read.
     for key in INPUT_PATH_KEYS + WEIGHTS_KEYS:
         value, source = values.get(key, (None, "keyword argument"))
-        if source == "keyword argument":
+        if key not in values:
             continue
-        if source == "command line":
+        if source in ("command line", "keyword argument"):
             resolved, missing = _resolve_path(key, value, Path.cwd(), "the current folder")
         else:
             resolved, missing = _resolve_path(

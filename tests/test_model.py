@@ -112,6 +112,9 @@ def test_hard_negatives_put_the_closest_absent_names_first():
             mask[:2] = 1  # label 1 = "a"
             return torch.zeros(2, 2, 8), mask, ("a",)
 
+        def cls(self, i):  # a cached source hands out each item's CLS; this backbone has none
+            return None
+
     seen = ["a", "b", "c", "d"]
     similarity = torch.tensor(
         [[1.0, 0.1, 0.9, 0.5], [0.1, 1.0, 0.0, 0.0], [0.9, 0.0, 1.0, 0.0], [0.5, 0.0, 0.0, 1.0]]
