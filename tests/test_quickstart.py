@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 from PIL import Image
@@ -10,8 +11,10 @@ from PIL import Image
 from fusioner.cli import main
 
 
-def test_fast_quickstart_writes_a_complete_report(tmp_path, capsys):
-    assert main(["quickstart", "--fast", "--out", str(tmp_path)]) == 0
+def test_fast_quickstart_writes_a_complete_report(tmp_path, capsys, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert main(["quickstart", "--fast", "--out", str(tmp_path)]) == 0
+    assert "--resume" not in caplog.text  # a first run warns of no resume the user never asked for
     printed = capsys.readouterr().out
     assert "1-way mIoU on unseen names" in printed and str(tmp_path / "report.md") in printed
 
@@ -50,6 +53,7 @@ def test_fast_quickstart_writes_a_complete_report(tmp_path, capsys):
             assert image.width > 100 and image.height > 100
     markdown = (tmp_path / "report.md").read_text()
     assert "baseline (shuffled names)" in markdown and report["files"]["predictions"] in markdown
+    assert "Expect it near zero here" in markdown  # the GZSS figures say why they are small
 
     # Run again: data and features are reused, finished runs are reloaded rather than retrained.
     shards = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("shard-*"))
