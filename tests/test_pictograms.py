@@ -186,8 +186,10 @@ def test_dataset_follows_the_sample_contract(scenes_dir):
 # --- determinism and caching ---------------------------------------------------------------------
 
 
-def test_same_seed_gives_identical_bytes(scenes_dir, tmp_path):
+def test_same_seed_gives_identical_bytes(scenes_dir, tmp_path, capsys):
     again = generate_scenes(tmp_path / "again", **SMALL)
+    # Rendering says what it does (a plain counter line when stderr is not a terminal).
+    assert f"rendering pictogram scenes into {tmp_path / 'again'} 12/12" in capsys.readouterr().err
     assert _files(again) == _files(scenes_dir)
     other = generate_scenes(tmp_path / "other", **{**SMALL, "seed": 1})
     assert _files(other)["images/train_00000.png"] != _files(scenes_dir)["images/train_00000.png"]

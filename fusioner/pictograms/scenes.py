@@ -20,6 +20,7 @@ from fusioner.errors import ConfigError, DataError
 from fusioner.io import atomic_write, atomic_write_json, read_json
 from fusioner.pictograms.glyphs import GlyphAtlas
 from fusioner.pictograms.names import pictogram_names, split_names
+from fusioner.progress import Counter
 
 FORMAT_VERSION = 1
 MASK_THRESHOLD = 127  # a pixel belongs to a glyph where its alpha is above this
@@ -212,6 +213,7 @@ def generate_scenes(
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     (out / MASKS).mkdir(exist_ok=True)
     lines = []
+    counter = Counter(num_train + num_val, f"rendering pictogram scenes into {out}")  # ~15 s for 1,800
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         for i in range(count):
             rng = np.random.default_rng([seed, split_index, i])
@@ -230,6 +232,7 @@ def generate_scenes(
             Image.fromarray(mask).save(out / MASKS / f"{scene_id}.png", compress_level=1)
             scene = {"id": scene_id, "split": split, "names": names, "glyphs": [char_of[n] for n in names]}
             lines.append(json.dumps({**scene, "boxes": boxes}, ensure_ascii=False))
+            counter.advance()
     text = "".join(line + "\n" for line in lines)
     atomic_write(out / SCENES, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     manifest = {
