@@ -88,16 +88,21 @@ class VisionAdapter(FrozenModule):
         """Normalised ``b 3 h w`` -> tokens; called under no-grad."""
 
     def forward(self, images: Tensor) -> VisionOutput:
+        with torch.no_grad():
+            x = self.normalized(images)
+            h, w = x.shape[-2:]
+            if h % self.patch_size or w % self.patch_size:
+                raise FusionerError(
+                    f"{self.name}: image size {h}x{w} is not a multiple of the patch size {self.patch_size}"
+                )
+            return self.encode(x)
+
+    def normalized(self, images: Tensor) -> Tensor:
+        """images ``b 3 h w`` in [0, 1] -> the backbone's input (its mean / std, its dtype)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise FusionerError(f"{self.name}: expected images 'b 3 h w', got shape {tuple(images.shape)}")
-        h, w = images.shape[-2:]
-        if h % self.patch_size or w % self.patch_size:
-            raise FusionerError(
-                f"{self.name}: image size {h}x{w} is not a multiple of the patch size {self.patch_size}"
-            )
-        with torch.no_grad():
-            x = (images.to(self.mean.dtype) - self.mean) / self.std
-            return self.encode(x.to(self.dtype))
+        x = (images.to(self.mean.dtype) - self.mean) / self.std
+        return x.to(self.dtype)
 
     @property
     def dtype(self) -> torch.dtype:

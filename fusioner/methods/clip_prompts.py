@@ -78,10 +78,7 @@ class PromptedCLIP(VisionAdapter):
 
     def forward(self, images: Tensor) -> VisionOutput:
         # Autograd stays on (the base adapter's forward is no-grad): gradients reach the prompts.
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise FusionerError(f"{self.name}: expected images 'b 3 h w', got shape {tuple(images.shape)}")
-        x = (images.to(self.mean.dtype) - self.mean) / self.std
-        return self.encode(x.to(self.dtype))
+        return self.encode(self.normalized(images))
 
     def encode(self, x: Tensor) -> VisionOutput:
         v, prompts = self.inner.visual, self._prompts[0]

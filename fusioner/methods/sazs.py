@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from fusioner.errors import FusionerError
 from fusioner.methods.registry import register_refiner
-from fusioner.methods.spectral import affinity, laplacian_eigenvectors
+from fusioner.methods.spectral import affinity, laplacian_eigenvectors, refine_backbone
 
 EIGENVECTORS = 5  # K of the released evaluation
 
@@ -120,18 +120,13 @@ class SAZSRefiner:
 
 @register_refiner("sazs")
 def build_sazs(settings: Mapping[str, Any]) -> SAZSRefiner:
-    vision = None
-    name = settings.get("refine_vision") or ""
-    if name:
-        from fusioner.adapters import create_vision
-
-        vision = create_vision(name)
+    vision = refine_backbone(settings)
     return SAZSRefiner(
         min_iou=float(settings.get("sazs_min_iou", 0.5)),
         eigs=int(settings.get("spectral_eigs", EIGENVECTORS)),
         knn=int(settings.get("spectral_knn", 0)),
         vision=vision,
-        vision_name=name,
+        vision_name=settings.get("refine_vision") or "",
     )
 
 

@@ -24,6 +24,7 @@ from einops import einsum, rearrange, repeat
 from torch import Tensor
 from torch.nn import functional as F
 
+from fusioner.adapters.base import VisionAdapter
 from fusioner.errors import FusionerError
 from fusioner.methods.registry import register_refiner
 
@@ -188,14 +189,19 @@ def _no_refiner(settings: Mapping[str, Any]) -> None:
     return None
 
 
+def refine_backbone(settings: Mapping[str, Any]) -> VisionAdapter | None:
+    """The frozen adapter named by ``refine_vision`` whose tokens build the graph, or None: the run's own."""
+    name = settings.get("refine_vision") or ""
+    if not name:
+        return None
+    from fusioner.adapters import create_vision
+
+    return create_vision(name)
+
+
 @register_refiner("spectral")
 def build_spectral(settings: Mapping[str, Any]) -> SpectralRefiner:
-    vision = None
-    name = settings.get("refine_vision") or ""
-    if name:
-        from fusioner.adapters import create_vision
-
-        vision = create_vision(name)
+    vision = refine_backbone(settings)
     return SpectralRefiner(
         weight=float(settings.get("refine_weight", 0.2)),
         eigs=int(settings.get("spectral_eigs", 4)),
@@ -203,7 +209,7 @@ def build_spectral(settings: Mapping[str, Any]) -> SpectralRefiner:
         knn=int(settings.get("spectral_knn", 0)),
         seed=int(settings.get("seed", 0)),
         vision=vision,
-        vision_name=name,
+        vision_name=settings.get("refine_vision") or "",
     )
 
 

@@ -279,10 +279,8 @@ class PromptedViT(VisionAdapter):
         return h.hexdigest()[:16]
 
     def forward(self, images: Tensor) -> VisionOutput:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise FusionerError(f"{self.name}: expected images 'b 3 h w', got shape {tuple(images.shape)}")
-        x = (images.to(self.mean.dtype) - self.mean) / self.std
-        return self.encode(x.to(self.dtype))
+        # Autograd stays on (the base adapter's forward is no-grad): gradients reach the prompts.
+        return self.encode(self.normalized(images))
 
     def encode(self, x: Tensor) -> VisionOutput:
         vit = self.inner.model
