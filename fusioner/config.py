@@ -32,7 +32,7 @@ _NON_NEGATIVE = (
     "dim", "depth", "heads", "score_dim", "num_negatives", "dice_weight", "ce_weight", "max_steps",
     "weight_decay", "warmup_steps", "clip_grad", "num_workers", "fold",
     "spectral_knn", "spectral_weight", "deep_prompts", "pseudo_weight", "global_loss_weight", "global_bank",
-    "sazs_edge_weight",
+    "sazs_edge_weight", "zegclip_st_start",
 )  # fmt: skip
 
 
@@ -145,6 +145,10 @@ class Config:
     spectral_weight: float = 0.0  # training: pull predictions toward the eigen-segments (ours, not SAZS)
     sazs_edge_weight: float = 0.0  # training: SAZS's edge branch terms (methods/sazs_edges.py); 1 = SAZS's
     deep_prompts: int = 0  # zegclip: prompt tokens per block of a CLIP or timm ViT (needs use_cache=false)
+    # zegclip: ZegCLIP's transductive setting (methods/zegclip_st.py): unseen-class pixels of the training
+    # images (names given, labels withheld) take the model's own best unseen name from step zegclip_st_start
+    zegclip_self_training: bool = False
+    zegclip_st_start: int = 0  # optimizer steps of the inductive phase (seen names only) before it
     zegformer_grouping: str = "queries"  # queries (learned, class-agnostic) | spectral
     zegformer_queries: int = 16  # mask queries (or spectral segments)
     zegformer_lambda: float = 2 / 3  # ZegFormer's fusion exponent (seen: segment^l x CLIP^(1-l))

@@ -104,7 +104,7 @@ def names_per_pass(model, tokens: int) -> int:
     return max(NAMES_PER_PASS, fit)
 
 
-def _square(image: Tensor, size: int) -> Tensor:
+def square_view(image: Tensor, size: int) -> Tensor:
     """``3 H W`` -> ``1 3 size size``, antialiased as the training resize."""
     return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
@@ -123,7 +123,7 @@ def decoder_logits(
     features."""
     # Cached tokens need no resized image, unless the refiner runs a backbone of its own on it.
     wants_view = tokens is None or getattr(getattr(model, "refiner", None), "vision", None) is not None
-    square = _square(image, size) if wants_view else None
+    square = square_view(image, size) if wants_view else None
     if tokens is not None:
         flat, grid = tokens.flatten(0, 1)[None], (tokens.shape[0], tokens.shape[1])
         cls = cls[None] if cls is not None else None
@@ -209,7 +209,7 @@ def batch_logits(
     images = list(images)
     if mode != "fixed" or len(images) < 2:
         return [image_logits(model, im, text, size=size, mode=mode) for im in images]
-    out = model.vision(torch.cat([_square(im, size) for im in images]))
+    out = model.vision(torch.cat([square_view(im, size) for im in images]))
     gh, gw = out.grid
     grids = out.tokens.unflatten(1, (gh, gw))  # b gh gw c
     cls = out.cls if out.cls is not None else [None] * len(images)
@@ -248,7 +248,7 @@ def argmax_labels(
         return best_name(decoder_logits(model, image, text, size).float(), (out_h, out_w))[1]
     # (view, its tokens and grid, its origin): the backbone runs once per view, whatever k is.
     if mode == "fixed":
-        square = _square(image, size)
+        square = square_view(image, size)
         views = [(square, _encode(model, square), None)]
         padded_size = (h, w)
     else:

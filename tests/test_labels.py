@@ -104,7 +104,7 @@ def test_decoupled_head_runs_its_patch_path_once(tiny_model):
         hook.remove()
     assert len(calls) == 1 and low.shape[0] == 150  # 150 names > NAMES_PER_PASS, one decoder pass
     # the same numbers as one pass per chunk of names, to float rounding
-    out = model.vision(inference._square(image, 64))
+    out = model.vision(inference.square_view(image, 64))
     chunks = torch.cat([model.head(out.tokens, out.grid, part[None]) for part in text.split(64)], dim=1)[0]
     torch.testing.assert_close(low, chunks, rtol=0, atol=1e-4)
 

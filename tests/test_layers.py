@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("fusioner.data",)),
     # The head's parts (fusion, decoder, head, released checkpoints, seeding, file names).
     ("model", ("fusioner.model",)),
-    ("methods", ("fusioner.methods",)),
+    ("methods", ("fusioner.methods", "fusioner.methods.zegclip_st")),
     ("inference", ("fusioner.inference", "fusioner.labels", "fusioner.decide")),
     # A run directory's files, and what is read from them (metrics, calibration, eval outputs).
     ("run", ("fusioner.run", "fusioner.metrics_file", "fusioner.calibration", "fusioner.eval_output")),

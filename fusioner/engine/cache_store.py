@@ -47,7 +47,7 @@ class CorruptShardError(FusionerError):
     """A shard whose bytes do not match the checksum recorded when it was written."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -178,6 +178,11 @@ class FeatureCache:
         entry = self._index["items"].get(item_id)
         return entry is not None and entry.get("fingerprint") == fingerprint
 
+    def fingerprint(self, item_id: str) -> str | None:
+        """The dataset fingerprint ``item_id`` was encoded from; None when it is not cached."""
+        entry = self._index["items"].get(item_id)
+        return None if entry is None else entry.get("fingerprint", "")
+
     def stale(self, dataset: SegDataset) -> list[tuple[int, str]]:
         """``(index, fingerprint)`` of each item of ``dataset`` not cached, or changed since it was."""
         out = []
@@ -268,7 +273,7 @@ class FeatureCache:
             if item.cls is not None:
                 tensors[f"{item_id}/cls"] = item.cls.to(torch.float16).contiguous().cpu()
         path = atomic_write(self.dir / name, lambda tmp: save_file(tensors, str(tmp)))
-        sha = _sha256(path)
+        sha = file_sha256(path)
         self._index["shards"][name] = {"sha256": sha, "count": len(items)}
         for item_id, item in items.items():
             self._index["items"][item_id] = {
@@ -289,7 +294,7 @@ class FeatureCache:
         expected = self._index["shards"][shard]["sha256"]
         if self._verified.get(shard) != expected:
             path = self.dir / shard
-            if not path.is_file() or _sha256(path) != expected:
+            if not path.is_file() or file_sha256(path) != expected:
                 raise CorruptShardError(f"feature cache shard {path} is missing, truncated or corrupted")
             self._verified[shard] = expected
         if shard not in self._handles:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from fusioner.data.ov import OVDataset
 from fusioner.data.splits import ListDataset
 from fusioner.engine.cache import FeatureCache
 from fusioner.engine.metrics import GZSSMeter, OneWayMeter, check_gzss_protocol, one_way_foreground
+from fusioner.engine.refine_cache import prepare_refine_store
 from fusioner.errors import ConfigError
 from fusioner.eval_output import metrics_target, write_metrics
 from fusioner.inference import decoder_logits, image_logits
@@ -76,17 +78,32 @@ class _Scorer:
     """Logits of one sample over a vocabulary, from cached tokens when the cache holds them.
 
     In fixed mode they stay at the head's resolution (:class:`ImageScores` resizes what is scored:
-    the best name per pixel without ``v`` full-size maps, exactly, fusioner/labels.py).
+    the best name per pixel without ``v`` full-size maps, exactly, fusioner/labels.py). A refiner's
+    per-image inputs (SAZS's eigen-masks) are computed once per cached item of ``dataset`` and stored
+    beside its features (fusioner/engine/refine_cache.py), then read back here.
     """
 
-    def __init__(self, model, names: list[str], settings: EvalSettings, cache: FeatureCache | None) -> None:
-        self.model, self.settings, self.cache = model, settings, cache
+    def __init__(
+        self,
+        model,
+        names: list[str],
+        settings: EvalSettings,
+        cache: FeatureCache | None,
+        dataset: SegDataset,
+        progress: bool = True,
+    ) -> None:
+        self.model, self.settings = model, settings
+        self.cache = cache if settings.mode == "fixed" else None
         self.device = next(model.head.parameters()).device
         self.text = model.text(names).to(self.device)  # v ct
+        refiner = getattr(model, "refiner", None)
+        self.store = prepare_refine_store(
+            self.cache, refiner, dataset, settings.image_size, self.device, progress=progress
+        )
 
     def __call__(self, sample, rows: list[int] | None = None) -> ImageScores:
         tokens = cls = None
-        if self.cache is not None and self.settings.mode == "fixed" and sample["id"] in self.cache:
+        if self.cache is not None and sample["id"] in self.cache:
             item = self.cache.read(sample["id"])
             tokens = item.tokens.to(self.device)
             cls = item.cls.to(self.device) if item.cls is not None else None
@@ -94,7 +111,10 @@ class _Scorer:
         image = sample["image"].to(self.device)
         size = tuple(image.shape[-2:])
         if self.settings.mode == "fixed":
-            logits = decoder_logits(self.model, image, text, self.settings.image_size, tokens, cls)
+            # The stored inputs are those of the cached tokens: served only with them.
+            stored = tokens is not None and self.store is not None
+            with self.store.serving(sample["id"]) if stored else nullcontext():
+                logits = decoder_logits(self.model, image, text, self.settings.image_size, tokens, cls)
             return ImageScores(logits, size)
         logits = image_logits(self.model, image, text, size=self.settings.image_size, mode=self.settings.mode)
         return ImageScores(logits, size)
@@ -146,7 +166,7 @@ def evaluate(
     model.eval()
     names = list(seen) + list(unseen)
     index = {name: j for j, name in enumerate(names)}
-    score = _Scorer(model, names, settings, cache)
+    score = _Scorer(model, names, settings, cache, dataset, progress)
     device = score.device
     is_seen = torch.tensor([n in set(seen) for n in names], device=device)
     one_way, one_way_seen = OneWayMeter(list(unseen)), OneWayMeter(list(seen))
@@ -223,7 +243,7 @@ def choose_seen_bias(
     model.eval()
     names = list(seen) + list(unseen)
     index = {name: j for j, name in enumerate(names)}
-    score = _Scorer(model, names, settings, cache)
+    score = _Scorer(model, names, settings, cache, dataset, progress)
     scale = float(model.head.scale)
     biases = [round(c * scale, 4) for c in BIAS_GRID]
     meters = [GZSSMeter(names, set(unseen), ignore_index=-1, protocol=gzss_protocol) for _ in biases]

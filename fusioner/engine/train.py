@@ -203,7 +203,9 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
     if config.hard_negatives:
         unit = torch.nn.functional.normalize(vocab.float(), dim=-1).cpu()
         similarity = unit @ unit.T
-    loader = make_loader(source, split.seen, config, similarity)
+    # ZegCLIP's transductive setting (methods/zegclip_st.py): the unseen names (never their labels)
+    unseen = list(split.unseen) if config.zegclip_self_training else []
+    loader = make_loader(source, split.seen, config, similarity, unseen)
     total = len(loader) // config.grad_accum
     total = min(total, config.max_steps) if config.max_steps > 0 else total
     if total == 0:
@@ -212,7 +214,10 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
             f"{config.batch_size} and grad_accum={config.grad_accum}"
         )
     # Terms beyond the head's own loss (fusioner/methods/objective.py); None for the plain head.
-    objective = build_objective(config, model.head, model.vision, model.text.embed_dim, vocab, teacher)
+    unseen_vocab = model.text(unseen) if unseen else None
+    objective = build_objective(
+        config, model.head, model.vision, model.text.embed_dim, vocab, teacher, unseen_vocab
+    )
     trained = [*model.head.parameters(), *(objective.parameters() if objective is not None else ())]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     if config.compile:
@@ -264,7 +269,9 @@ def _train(config: Config, run: RunDir, resume: bool, split: Split | None) -> Tr
                         out = teacher(x)
                     taught = TeacherOutput(out.tokens, out.grid, out.cls)
                 if objective is not None:
-                    loss = objective(head, tokens, grid, vocab, class_idx, target, cls=cls, teacher=taught)
+                    loss = objective(
+                        head, tokens, grid, vocab, class_idx, target, cls=cls, teacher=taught, step=step
+                    )
                 else:
                     loss = head_loss(
                         head, tokens, grid, vocab, class_idx, target, config.dice_weight, config.ce_weight

@@ -12,7 +12,10 @@ returns an :class:`Objective` only when something more is asked, so the default 
   centroids and the teacher's CLS, cross-entropy over seen + pseudo names, seen names anchored to
   their text (methods/clip_zss.py); ``kmeans``: the library's earlier fixed-K variant;
 - ``global_loss_weight``: CLIP-ZSS's global learning (CLS-query attention pooling, CLS bank);
-- ``sazs_edge_weight``: SAZS's boundary / edge constraint (methods/sazs_edges.py).
+- ``sazs_edge_weight``: SAZS's boundary / edge constraint (methods/sazs_edges.py);
+- ``zegclip_self_training``: ZegCLIP's transductive setting (methods/zegclip_st.py): from step
+  ``zegclip_st_start`` the unseen names (``unseen``) are scored too and the unseen-class pixels take
+  the unseen name the head scores highest there, as labels.
 
 CLIP-ZSS's teacher is ``teacher_vision`` (methods/teacher.py); without one the run's own backbone
 stands in (its tokens and CLS).
@@ -37,6 +40,7 @@ from fusioner.methods.registry import PSEUDO_LABELS, call_head, method_of
 from fusioner.methods.sazs_edges import EdgeHead, sazs_edge_loss
 from fusioner.methods.spectral import SpectralRefiner, eigen_segment_consistency
 from fusioner.methods.teacher import TeacherOutput, teacher_dim
+from fusioner.methods.zegclip_st import pseudo_label, self_training_on
 from fusioner.model.losses import mask_loss, rank_loss, resize_labels
 
 
@@ -60,10 +64,25 @@ def _captured(module: nn.Module | None):
 
 class Objective(nn.Module):
     def __init__(
-        self, config: Any, head: nn.Module, vision: Any, text_dim: int, teacher: Any | None = None
+        self,
+        config: Any,
+        head: nn.Module,
+        vision: Any,
+        text_dim: int,
+        teacher: Any | None = None,
+        unseen: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.method = method_of(head)
+        self.config = config
+        self.self_training = bool(getattr(config, "zegclip_self_training", False))
+        if self.self_training and (unseen is None or not len(unseen)):
+            raise FusionerError(
+                "config key 'zegclip_self_training': the transductive setting needs the unseen names "
+                "(this split holds out none)"
+            )
+        # u ct: the unseen names' embeddings (ZegCLIP's transductive setting only); not checkpointed
+        self.register_buffer("unseen", unseen if self.self_training else None, persistent=False)
         self.dice_weight, self.ce_weight = config.dice_weight, config.ce_weight
         self.method_term = hasattr(_unwrap(head), "aux_loss")
         self.spectral_weight = config.spectral_weight
@@ -115,14 +134,21 @@ class Objective(nn.Module):
         target: Tensor,
         cls: Tensor | None = None,
         teacher: TeacherOutput | None = None,
+        step: int | None = None,
     ) -> Tensor:
-        """Same inputs as ``engine.train.head_loss`` (+ the backbone's CLS ``b c``, and CLIP-ZSS's
-        teacher view of the batch: None = the backbone is its own teacher)."""
+        """Same inputs as ``engine.train.head_loss`` (+ the backbone's CLS ``b c``, CLIP-ZSS's
+        teacher view of the batch: None = the backbone is its own teacher, and the 0-based optimizer
+        step, which starts ZegCLIP's self-training: None = started)."""
         tokens = tokens.float()
         view = teacher if teacher is not None else TeacherOutput(tokens, grid, cls)
         if self.method.all_seen:  # every seen name on every image, not the sampled ones
             class_idx = torch.arange(len(vocab), device=class_idx.device).expand(class_idx.shape[0], -1)
         text = vocab[class_idx]  # b k ct
+        transductive = self.self_training and self_training_on(self.config, step)
+        if transductive:  # the unseen names after the seen ones: name j answers label len(vocab) + j + 1
+            unseen_idx = torch.arange(len(self.unseen), device=class_idx.device) + len(vocab)
+            class_idx = torch.cat([class_idx, unseen_idx.expand(class_idx.shape[0], -1)], dim=1)
+            text = torch.cat([text, self.unseen.to(text)[None].expand(text.shape[0], -1, -1)], dim=1)
         k = text.shape[1]
         pseudo, anchor = None, tokens.new_zeros(())
         if self.published:
@@ -154,6 +180,9 @@ class Objective(nn.Module):
         logits, aux = out if self.method_term else (out, None)
         labels = resize_labels(target, logits.shape[-2:])
         named = logits[:, :k]
+        if transductive:
+            u = len(self.unseen)
+            labels = pseudo_label(named[:, k - u :], labels, len(vocab) + 1)
         targets = (labels[:, None] == class_idx[:, :, None, None] + 1).to(torch.uint8)
         valid = labels >= 0
         if self.method.loss is not None:
@@ -203,11 +232,13 @@ def build_objective(
     text_dim: int,
     vocab: Tensor | None = None,
     teacher: Any | None = None,
+    unseen: Tensor | None = None,
 ) -> Objective | None:
     """The objective ``config`` asks for, or None when the head's own ``head_loss`` is the whole loss.
 
     ``vocab`` (the seen names' embeddings): a head that tells seen from unseen names (ZegFormer's
-    fusion) records them now, before a resumed run loads its checkpoint into the head.
+    fusion) records them now, before a resumed run loads its checkpoint into the head. ``unseen``
+    (the unseen names' embeddings): ZegCLIP's transductive setting scores them too.
     """
     if vocab is not None and hasattr(_unwrap(head), "remember_seen"):
         _unwrap(head).remember_seen(vocab)
@@ -220,5 +251,6 @@ def build_objective(
         or config.pseudo_labels != "none"
         or config.global_loss_weight
         or getattr(config, "sazs_edge_weight", 0.0)
+        or getattr(config, "zegclip_self_training", False)
     )
-    return Objective(config, head, vision, text_dim, teacher) if extra else None
+    return Objective(config, head, vision, text_dim, teacher, unseen) if extra else None

@@ -10,21 +10,29 @@ the model's own output:
 
 - eigen-masks: eigenvectors 1 .. K of the normalised Laplacian of the graph (methods/spectral.py;
   eigenvector 0 is constant on a connected graph), each cut at 0 into its two halves (the sign of an
-  eigenvector is arbitrary, so both halves are candidates): ``2K`` binary masks per image, computed
-  once per image (:meth:`SAZSRefiner.eigen_masks` keeps the last image's);
+  eigenvector is arbitrary, so both halves are candidates): ``2K`` binary masks per image;
 - per name, its thresholded prediction (``sigmoid > 0.5``) is compared with every eigen-mask; the
   best by IoU is swapped in when that IoU reaches ``min_iou`` (config key ``sazs_min_iou``): the
   name's logits keep their magnitude and take the eigen-mask's sign.
 
 The graph is built on the run's own tokens, or on another frozen backbone's (``refine_vision``,
 e.g. ``dino_vitb16`` as SAZS does). SAZS's training-time boundary / edge constraint is
-methods/sazs_edges.py (``sazs_edge_weight``). The eigenvectors are computed at inference and kept for
-the last image only; SAZS precomputes them offline per image (not done here).
+methods/sazs_edges.py (``sazs_edge_weight``).
+
+Like SAZS, the eigen-masks are precomputed per image when there is a feature cache: evaluation
+(fusioner/engine/evaluate.py) computes each cached image's masks once, before scoring, and stores
+them beside its cached tokens (fusioner/engine/refine_cache.py, bool ``2K gh gw``, in a folder keyed
+by what the graph depends on: :meth:`SAZSRefiner.precompute_key`, i.e. ``spectral_eigs``,
+``spectral_knn`` and the ``refine_vision`` backbone with its weights; other settings, other masks),
+then serves them to the refiner (:meth:`SAZSRefiner.precomputed`) instead of solving again. Without a
+cache (``predict`` on a user's image, sliding windows) the refiner solves on the fly, once per view:
+inference asks once per chunk of names and :meth:`SAZSRefiner.graph_masks` keeps the last view's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -84,26 +92,71 @@ class SAZSRefiner:
             raise FusionerError(f"config key 'spectral_eigs': expected at least 1, got {eigs}")
         self.min_iou, self.eigs, self.knn = min_iou, eigs, knn
         self.vision, self.vision_name = vision, vision_name
-        self._last: tuple[tuple[Any, ...], Tensor] | None = None
+        # The last view's source (held, so that no later tensor can take its address), its version
+        # and grid, and its masks; and the masks served by ``precomputed``.
+        self._last: tuple[Tensor, int, tuple[int, int], Tensor] | None = None
+        self._given: Tensor | None = None
 
     def eigen_masks(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        """The image's eigen-masks on its grid, computed once per image: inference asks for them
-        once per chunk of names, with the same tokens."""
-        key = (tokens.data_ptr(), tuple(tokens.shape), tokens._version, grid)
-        if self._last is None or self._last[0] != key:
-            self._last = (key, binary_eigen_masks(tokens, grid, self.eigs, self.knn))
-        return self._last[1]
+        """Tokens ``b n c`` on ``grid`` -> their eigen-masks bool ``b 2K gh gw``, solved once per
+        tokens tensor: inference asks once per chunk of names, with the same tokens."""
+        last = self._last
+        if last is None or last[0] is not tokens or last[1] != tokens._version or last[2] != grid:
+            masks = binary_eigen_masks(tokens, grid, self.eigs, self.knn)
+            self._last = (tokens, tokens._version, grid, masks)
+        return self._last[3]
+
+    def graph_masks(self, tokens: Tensor, grid: tuple[int, int], image: Tensor | None = None) -> Tensor:
+        """The view's eigen-masks bool ``b 2K gh gw`` on the graph's grid: of ``tokens`` (``b n c``
+        on ``grid``), or of ``refine_vision``'s tokens of ``image`` (``b 3 s s``); the masks that
+        :meth:`precomputed` serves, when it serves some."""
+        if self._given is not None:
+            return self._given
+        if self.vision is None:
+            return self.eigen_masks(tokens, grid)
+        if image is None:
+            raise FusionerError("refine_vision needs the image; this call passed tokens only")
+        last = self._last
+        if last is not None and last[0] is image and last[1] == image._version:
+            return last[3]
+        out = self.vision(image.to(next(self.vision.parameters()).device))
+        masks = binary_eigen_masks(out.tokens.to(tokens.device), out.grid, self.eigs, self.knn)
+        self._last = (image, image._version, out.grid, masks)
+        return masks
+
+    # What fusioner/engine/refine_cache.py stores per cached image, and how it hands it back.
+    def precompute_key(self) -> dict[str, Any]:
+        """What the eigen-masks depend on (``sazs_min_iou`` only decides their use)."""
+        vision = self.vision
+        return {
+            "refine": "sazs",
+            "spectral_eigs": self.eigs,
+            "spectral_knn": self.knn,
+            "refine_vision": self.vision_name,
+            "refine_weights": vision.fingerprint() if vision is not None else "",
+            "refine_preprocessing": vision.preprocessing if vision is not None else {},
+        }
+
+    @torch.no_grad()
+    def precompute(self, tokens: Tensor, grid: tuple[int, int], image: Tensor | None = None) -> Tensor:
+        """One view's eigen-masks bool ``2K gh gw`` (tokens ``1 n c``, image ``1 3 s s``), as
+        :meth:`__call__` computes them."""
+        return self.graph_masks(tokens, grid, image)[0]
+
+    @contextmanager
+    def precomputed(self, masks: Tensor) -> Iterator[None]:
+        """Within: every view's eigen-masks are ``masks`` (bool ``2K gh gw``), nothing is solved."""
+        self._given = masks[None]
+        try:
+            yield
+        finally:
+            self._given = None
 
     @torch.no_grad()
     def __call__(
         self, logits: Tensor, tokens: Tensor, grid: tuple[int, int], image: Tensor | None = None
     ) -> Tensor:
-        if self.vision is not None:
-            if image is None:
-                raise FusionerError("refine_vision needs the image; this call passed tokens only")
-            out = self.vision(image.to(next(self.vision.parameters()).device))
-            tokens, grid = out.tokens.to(logits.device), out.grid
-        masks = self.eigen_masks(tokens, grid).float()
+        masks = self.graph_masks(tokens, grid, image).to(logits.device).float()
         masks = F.interpolate(masks, size=logits.shape[-2:], mode="nearest-exact").bool()
         return swap_in(logits, masks, self.min_iou).to(logits.dtype)
 

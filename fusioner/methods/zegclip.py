@@ -18,7 +18,15 @@ ZegCLIP (Zhou et al., "ZegCLIP: Towards Adapting CLIP for Zero-shot Semantic Seg
   the number of present names in the batch;
 - *deep prompt tuning* (``deep_prompts: N``): on a CLIP ViT as ZegCLIP does it (prompt projection,
   dropout, final prompt norm: methods/clip_prompts.py); on a timm ViT plain VPT-deep,
-  :class:`PromptedViT` (an extension).
+  :class:`PromptedViT` (an extension);
+- *transductive setting* (``zegclip_self_training: true``, from optimizer step ``zegclip_st_start``):
+  ZegCLIP's ``self_training=True`` (``configs/*/*_st.py``; ``models/segmentor/zegclip.py``
+  ``_visiable_mask_st`` and ``models/decode_heads/decode_seg.py`` ``forward_train``): training is
+  given the unseen names (never their labels); each pixel of an unseen class takes the unseen name
+  whose detached sigmoid score is highest there, every such pixel (no threshold, no top-k), and
+  trains every name, seen and unseen (methods/zegclip_st.py). Where ours differs: one run with a
+  start step stands for ZegCLIP's inductive run + ``--load-from`` self-training run (optimizer and
+  schedule carry on), and the labels are taken at the decoder's resolution, not the image's.
 
 For a backbone without a class token (EfficientNet-Lite0 in the offline sweep) ``global_token`` is
 ``"mean"``: the mean of the frozen tokens stands in for ``g``, an extension, not ZegCLIP. When the

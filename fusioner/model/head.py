@@ -154,8 +154,12 @@ class FusionHead(nn.Module):
         """Fused patches ``b q n d``, unit class tokens ``b k d`` -> cosines ``b k h w``."""
         b, q = visual.shape[:2]
         pixels = self.decoder(rearrange(visual, "b q n d -> (b q) n d"), grid, size)
-        pixels = F.normalize(rearrange(pixels, "(b q) d h w -> b q d h w", b=b), dim=2)
+        pixels = rearrange(pixels, "(b q) d h w -> b q d h w", b=b)
+        # Cosine as dot product / pixel norm, the norm applied to the k-channel scores: the same
+        # numbers as normalising the d-channel pixels first (F.normalize's eps), at half the cost
+        # of F.normalize's forward and backward on full-resolution maps (about 15% of a small head's step).
+        inv_norm = pixels.square().sum(2).clamp_min(1e-24).rsqrt()  # b q h w
         if q == 1:  # decoupled (or a single name): one pixel embedding shared by every name
-            return einsum(pixels[:, 0], classes, "b d h w, b k d -> b k h w")
+            return einsum(pixels[:, 0], classes, "b d h w, b k d -> b k h w") * inv_norm
         # joint: each name scored against the patches it conditioned
-        return einsum(pixels, classes, "b k d h w, b k d -> b k h w")
+        return einsum(pixels, classes, "b k d h w, b k d -> b k h w") * inv_norm
