@@ -10,9 +10,9 @@
 
 Names are scored in chunks of ``NAMES_PER_PASS`` so memory stays flat with hundreds of names. Both
 fusion rules score every name independently of the others asked with it, so chunking changes no
-number beyond float rounding. A decoupled head takes every name in one pass (up to
-``DECOUPLED_ATTENTION_BYTES`` of attention): its patch path does not read the names, and running
-it once per chunk cost more than the rest of the head (issue 24).
+number beyond float rounding. A decoupled head takes every name that fits ``DECOUPLED_PASS_BYTES``
+in one pass: its patch path does not read the names, and running it once per chunk cost more than
+the rest of the head (issue 24).
 
 Evaluation reads the logits at the head's own resolution (:func:`decoder_logits`) and resizes only
 what it scores (fusioner/labels.py): the best name per pixel without ``k`` full-size maps.
@@ -20,7 +20,6 @@ what it scores (fusioner/labels.py): the best name per pixel without ``k`` full-
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,8 +31,9 @@ from fusioner.labels import best_name, decide
 from fusioner.methods.registry import call_head
 
 NAMES_PER_PASS = 64
-# A decoupled head's names-per-pass cap: its (n + k)^2 x heads float32 attention scores, at most.
-DECOUPLED_ATTENTION_BYTES = 256 << 20
+# A decoupled head's names-per-pass cap, in bytes of what grows with the names: per name, its
+# heads x (n + 1) float32 attention scores and its logits at the decoder's 8x grid (64 n).
+DECOUPLED_PASS_BYTES = 256 << 20
 
 
 def labels_from_logits(
@@ -94,14 +94,14 @@ def _head_logits(
 
 
 def names_per_pass(model, tokens: int) -> int:
-    """Names per head pass with ``tokens`` patch tokens: all that fit ``DECOUPLED_ATTENTION_BYTES``
+    """Names per head pass with ``tokens`` patch tokens: all that fit ``DECOUPLED_PASS_BYTES``
     for a decoupled head (patches never read names, so one pass runs the patch path and the decoder
     once for every name), else :data:`NAMES_PER_PASS` (a joint head runs one sequence per name)."""
     config = getattr(getattr(model.head, "_orig_mod", model.head), "config", None)
     if getattr(config, "fusion_attention", None) != "decoupled":
         return NAMES_PER_PASS
-    fit = math.isqrt(DECOUPLED_ATTENTION_BYTES // (4 * max(1, int(getattr(config, "heads", 1))))) - tokens
-    return max(NAMES_PER_PASS, fit)
+    heads = max(1, int(getattr(config, "heads", 1)))
+    return max(NAMES_PER_PASS, DECOUPLED_PASS_BYTES // (4 * (heads * (tokens + 1) + 64 * tokens)))
 
 
 def square_view(image: Tensor, size: int) -> Tensor:
