@@ -144,6 +144,7 @@ class Config:
     sazs_min_iou: float = 0.5  # sazs: an eigen-mask replaces a name's mask from this IoU with it
     spectral_weight: float = 0.0  # training: pull predictions toward the eigen-segments (ours, not SAZS)
     sazs_edge_weight: float = 0.0  # training: SAZS's edge branch terms (methods/sazs_edges.py); 1 = SAZS's
+    inverseform_weights: str = ""  # with sazs_edge_weight: InverseForm's regressor (methods/inverseform.py)
     deep_prompts: int = 0  # zegclip: prompt tokens per block of a CLIP or timm ViT (needs use_cache=false)
     # zegclip: ZegCLIP's transductive setting (methods/zegclip_st.py): unseen-class pixels of the training
     # images (names given, labels withheld) take the model's own best unseen name from step zegclip_st_start
@@ -325,7 +326,7 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
 INPUT_PATH_KEYS = ("data_path", "split_dir", "data_root")
 # Weights may be a file or a Hub id / registry word ("random"): a relative value is a path only
 # where that file exists beside the config file.
-WEIGHTS_KEYS = ("vision_weights", "text_weights")
+WEIGHTS_KEYS = ("vision_weights", "text_weights", "teacher_weights", "inverseform_weights")
 
 
 def _resolve_path(key: str, value: Any, base: Path, where: str) -> tuple[Any, str | None]:

@@ -333,6 +333,7 @@ def test_the_cache_stores_each_items_clip_cls_and_zegclip_reads_it_like_a_fresh_
     fresh = vision(sample["image"][None])
     assert item.cls is not None and item.cls.shape == (vision.embed_dim,)
     torch.testing.assert_close(item.cls.float(), fresh.cls[0], rtol=2e-3, atol=2e-3)  # stored as fp16
+    assert torch.equal(cache.read_cls(sample["id"]), item.cls)  # what cached training reads per example
 
     model = type("Model", (), {})()  # what inference.py reads of a model: vision, head, refiner
     model.vision, model.head, model.refiner = vision, _zegclip().eval(), None

@@ -36,8 +36,10 @@ def test_fast_quickstart_writes_a_complete_report(tmp_path, capsys, caplog):
         "gzss_unseen_miou",
         "gzss_hiou",
     }
+    # The baseline is scored on the 1-way question only, the one it answers.
+    assert set(report["fusioner"]) == figures
+    assert set(report["baseline"]) == {"one_way_unseen_miou", "one_way_unseen_fbiou"}
     for side in ("fusioner", "baseline"):
-        assert set(report[side]) == figures
         for value in report[side].values():
             assert math.isnan(value) or 0.0 <= value <= 1.0
     assert report["baseline_unseen_miou"] == report["baseline"]["one_way_unseen_miou"]
@@ -54,6 +56,8 @@ def test_fast_quickstart_writes_a_complete_report(tmp_path, capsys, caplog):
     markdown = (tmp_path / "report.md").read_text()
     assert "baseline (shuffled names)" in markdown and report["files"]["predictions"] in markdown
     assert "Expect it near zero here" in markdown  # the GZSS figures say why they are small
+    budget = f"epochs: {report['config']['epochs']}, batch size: {report['config']['batch_size']}"
+    assert budget in markdown  # the report says what it ran
 
     # Run again: data and features are reused, finished runs are reloaded rather than retrained.
     shards = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("shard-*"))

@@ -314,6 +314,13 @@ class FeatureCache:
             handle.get_tensor(f"{item_id}/cls") if entry.get("cls") else None,
         )
 
+    def read_cls(self, item_id: str) -> Tensor | None:
+        """The item's CLS token alone (None when its backbone has none): no tokens or mask read."""
+        entry = self._index["items"].get(item_id)
+        if entry is None:
+            raise KeyError(f"{item_id!r} is not in the feature cache {self.dir}")
+        return self._handle(entry["shard"]).get_tensor(f"{item_id}/cls") if entry.get("cls") else None
+
     def corrupt_shards(self) -> list[str]:
         """The indexed shards whose bytes do not match their checksum (each is hashed once)."""
         bad = []

@@ -60,7 +60,7 @@ class CachedSource:
 
     def cls(self, index: int) -> Tensor | None:
         """The item's cached CLS token ``c`` (ZegCLIP's image embedding), None when the backbone has none."""
-        return self.cache.read(self.ids[index]).cls
+        return self.cache.read_cls(self.ids[index])
 
     def teacher_item(self, index: int) -> tuple[Tensor, Tensor | None]:
         """The teacher's cached tokens ``gh gw c`` and CLS ``c`` of the item."""

@@ -12,7 +12,8 @@ returns an :class:`Objective` only when something more is asked, so the default 
   centroids and the teacher's CLS, cross-entropy over seen + pseudo names, seen names anchored to
   their text (methods/clip_zss.py); ``kmeans``: the library's earlier fixed-K variant;
 - ``global_loss_weight``: CLIP-ZSS's global learning (CLS-query attention pooling, CLS bank);
-- ``sazs_edge_weight``: SAZS's boundary / edge constraint (methods/sazs_edges.py);
+- ``sazs_edge_weight``: SAZS's boundary / edge constraint (methods/sazs_edges.py; with
+  ``inverseform_weights``, its InverseForm term too, methods/inverseform.py);
 - ``zegclip_self_training``: ZegCLIP's transductive setting (methods/zegclip_st.py): from step
   ``zegclip_st_start`` the unseen names (``unseen``) are scored too and the unseen-class pixels take
   the unseen name the head scores highest there, as labels.
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from fusioner.errors import FusionerError
 from fusioner.methods import clip_zss
+from fusioner.methods.inverseform import load_inverseform
 from fusioner.methods.pseudo_labels import Synthesizer
 from fusioner.methods.registry import PSEUDO_LABELS, call_head, method_of
 from fusioner.methods.sazs_edges import EdgeHead, sazs_edge_loss
@@ -123,6 +125,10 @@ class Objective(nn.Module):
 
         self.edge_weight = getattr(config, "sazs_edge_weight", 0.0)
         self.edge_head = EdgeHead(self.method.dense_dim(_unwrap(head))) if self.edge_weight else None
+        # InverseForm's frozen regressor (SAZS's third edge term): held in a list, out of the
+        # objective's parameters and state dict, so it is neither optimised nor checkpointed.
+        path = getattr(config, "inverseform_weights", "") if self.edge_weight else ""
+        self.inverse_net = [load_inverseform(path)] if path else []
 
     def forward(
         self,
@@ -213,7 +219,8 @@ class Objective(nn.Module):
         if self.refiner is not None:
             loss = loss + self.spectral_weight * eigen_segment_consistency(named, tokens, grid, self.refiner)
         if self.edge_head is not None:
-            edge = sazs_edge_loss(self.edge_head, features[-1], named, target, class_idx)
+            inverse_net = self.inverse_net[0] if self.inverse_net else None
+            edge = sazs_edge_loss(self.edge_head, features[-1], named, target, class_idx, inverse_net)
             loss = loss + self.edge_weight * edge
         if self.global_term is not None:
             if view.cls is None:

@@ -11,8 +11,17 @@ and ``utils.py`` ``JointEdgeSegLoss``: the segmentation loss, plus
   sigmoid, and so does this), with image-based class weights ``1 + (1 - share)`` for the classes
   present in the batch, summed over images (``ImageBasedCrossEntropyLoss2d``) --
   :func:`edge_attention_loss`;
-- ``0.3 x`` InverseForm's boundary distance, which needs a separately trained distance regressor
-  (``distance_measures_regressor.pth``): not here.
+- ``0.3 x`` InverseForm's boundary distance (``InverseTransform2D``, ``inv_weight``) between the
+  edge branch's output and the ground-truth edges, read by InverseForm's separately trained, frozen
+  regressor (``distance_measures_regressor.pth``; methods/inverseform.py) -- when config key
+  ``inverseform_weights`` names that file (no weights ship with this library; without it, the two
+  terms above only). As the official code, the prediction side is ``log_softmax`` over the channel
+  axis of the edge logits (``F.log_softmax(edgein)``, whose implicit axis is 1 for ``b c h w``) and
+  the target side the ground-truth edge map (0 / 1, at the edge branch's size). SAZS's edge branch
+  has one channel, so that log-softmax is 0 everywhere: the official term is the regressor's
+  distance from an all-zero map to the ground-truth edges, a value that moves with the labels but
+  sends no gradient to the model. This code keeps that rule (:func:`inverseform_input`), so it
+  reproduces SAZS's loss; it adds no training signal.
 
 The ground-truth edges (``fewshot_data/data/pascal.py`` ``onehot_to_binary_edges``, radius 2): a
 pixel is an edge when, for some class of the label map, it lies within Euclidean distance 2 of
@@ -23,7 +32,10 @@ copied). Ignored pixels (< 0) belong to no class, as 255 does there.
 
 Here the edge branch is :class:`EdgeHead`, a 1 x 1 linear map on the head's dense features (SAZS
 puts it on its DPT decoder), trained with the objective and not saved with the model. The weight
-``sazs_edge_weight`` scales SAZS's two terms together (1 = SAZS's 0.3 and 0.1).
+``sazs_edge_weight`` scales SAZS's terms together (1 = SAZS's 0.3, 0.1 and, with
+``inverseform_weights``, 0.3). Official files followed: Liuxinyv/SAZS ``utils.py`` (JointEdgeSegLoss,
+InverseTransform2D), ``model/InverseForm.py`` (InverseNet), ``train.py`` (the edge branch's one
+channel, edge targets at its size), ``fewshot_data/data/pascal.py`` (the edges).
 """
 
 from __future__ import annotations
@@ -34,9 +46,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fusioner.errors import FusionerError
+from fusioner.methods.inverseform import InverseNet, inverseform_distance
 from fusioner.model.losses import resize_labels
 
-EDGE_WEIGHT, ATTENTION_WEIGHT = 0.3, 0.1  # JointEdgeSegLoss's edge_weight and att_weight
+# JointEdgeSegLoss's edge_weight, att_weight and inv_weight
+EDGE_WEIGHT, ATTENTION_WEIGHT, INVERSE_WEIGHT = 0.3, 0.1, 0.3
 
 
 def _disk(radius: int, device: torch.device) -> Tensor:
@@ -112,13 +126,26 @@ class EdgeHead(nn.Module):
         return reduce(logits, "(b q) h w -> b h w", "max", b=batch)
 
 
+def inverseform_input(edge_logits: Tensor) -> Tensor:
+    """Edge logits ``b h w`` -> the prediction map InverseTransform2D reads, ``b 1 h w``: the
+    official ``F.log_softmax`` over the (single) channel axis, 0 everywhere."""
+    return F.log_softmax(edge_logits.float()[:, None], dim=1)
+
+
 def sazs_edge_loss(
-    edge_head: EdgeHead, features: Tensor, named: Tensor, target: Tensor, class_idx: Tensor
+    edge_head: EdgeHead,
+    features: Tensor,
+    named: Tensor,
+    target: Tensor,
+    class_idx: Tensor,
+    inverse_net: InverseNet | None = None,
 ) -> Tensor:
-    """SAZS's two edge terms for a batch: dense features ``(b q) d h w``, name logits ``b k h w``,
-    labels ``b h w`` at full size, class_idx ``b k``. Edges are found at full size and sampled
-    (nearest) to the edge branch's size, as SAZS does; the segmentation classes of the attention
-    term are background (score 0, the sigmoid's threshold) and the ``k`` names."""
+    """SAZS's edge terms for a batch: dense features ``(b q) d h w``, name logits ``b k h w``,
+    labels ``b h w`` at full size, class_idx ``b k``; with ``inverse_net`` (InverseForm's frozen
+    regressor, moved to the batch's device here) the third, InverseForm term. Edges are found at
+    full size and sampled (nearest) to the edge branch's size, as SAZS does; the segmentation
+    classes of the attention term are background (score 0, the sigmoid's threshold) and the ``k``
+    names."""
     b = named.shape[0]
     if features.ndim != 4:
         raise FusionerError(
@@ -129,6 +156,11 @@ def sazs_edge_loss(
     edges = resize_labels(edge_map(target).long(), edge_logits.shape[-2:]).bool()
     small = resize_labels(target, edge_logits.shape[-2:])
     loss = EDGE_WEIGHT * balanced_edge_bce(edge_logits, edges)
+    if inverse_net is not None:
+        predicted, truth = inverseform_input(edge_logits), edges.float()[:, None]
+        loss = loss + INVERSE_WEIGHT * inverseform_distance(
+            inverse_net.to(edge_logits.device), predicted, truth
+        )
     slot = (small[:, None] == class_idx[:, :, None, None] + 1).float()
     target = torch.where(slot.any(1), slot.argmax(1) + 1, torch.where(small == 0, 0, -1))
     scores = F.interpolate(named.float(), size=edge_logits.shape[-2:], mode="bilinear", align_corners=False)
@@ -136,4 +168,11 @@ def sazs_edge_loss(
     return loss + ATTENTION_WEIGHT * edge_attention_loss(scores, target, edge_logits)
 
 
-__all__ = ["EdgeHead", "balanced_edge_bce", "edge_attention_loss", "edge_map", "sazs_edge_loss"]
+__all__ = [
+    "EdgeHead",
+    "balanced_edge_bce",
+    "edge_attention_loss",
+    "edge_map",
+    "inverseform_input",
+    "sazs_edge_loss",
+]
