@@ -70,7 +70,12 @@ def main() -> None:
         settings = EvalSettings(config.image_size, "fixed", config.threshold)
         start = time.process_time()
         metrics = evaluate(
-            model, data, seen=train_set.seen, unseen=train_set.unseen, settings=settings, cache=cache,
+            model,
+            data,
+            seen=train_set.seen,
+            unseen=train_set.unseen,
+            settings=settings,
+            cache=cache,
             progress=False,
         )
         seconds = time.process_time() - start

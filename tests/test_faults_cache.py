@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from fusioner.data import build_split
 from fusioner.data.folder import FolderDataset
 from fusioner.data.transforms import resize
 from fusioner.engine.cache import INDEX, CachedItem, FeatureCache, cache_key, fill_cache, prepare_cache
+from fusioner.engine.refine_cache import RefineStore
 from fusioner.errors import DataError
 
 SIZE = 64
@@ -186,32 +188,59 @@ def test_corrupt_index_is_rebuilt_with_a_warning(folder, tmp_path, caplog, damag
     assert torch.equal(reopened.read(dataset.item_id(0)).mask.long(), resize(dataset[0], SIZE)["mask"])
 
 
-@pytest.mark.parametrize("shard", ["../../victim.txt", "ABSOLUTE", "sub/shard-00000.safetensors"])
-def test_a_tampered_index_never_reaches_outside_the_cache_folder(folder, tmp_path, caplog, shard):
-    """A shard name is a bare ``shard-NNNNN.safetensors``; anything else makes the index untrusted
-    (rebuilt), never a path that is opened or deleted as "a corrupted shard" (issue 21, item 2)."""
+class OnesRefiner:
+    """The three members fusioner/engine/refine_cache.py reads of a refiner; its inputs are ones."""
+
+    vision = None
+
+    def precompute_key(self) -> dict:
+        return {"refiner": "ones"}
+
+    def precompute(self, tokens: Tensor, grid: tuple[int, int], image) -> Tensor:
+        return torch.ones(2, *grid, dtype=torch.bool)
+
+    def precomputed(self, value: Tensor):
+        return nullcontext()
+
+
+@pytest.mark.parametrize("store", ["cache", "refiner"])
+@pytest.mark.parametrize("shard", ["UP", "ABSOLUTE", "SUB"])
+def test_a_tampered_index_never_reaches_outside_the_cache_folder(folder, tmp_path, caplog, shard, store):
+    """A shard name is a bare ``shard-NNNNN.safetensors`` (``part-NNNNN`` in the refiner store
+    beside the cache); anything else makes the index untrusted (rebuilt), never a path that is
+    opened or deleted as "a corrupted shard" (issue 21, item 2)."""
     vision = PatchMeanVision()
     dataset = FolderDataset(folder, "train")
     cache = _cache(tmp_path / "c", dataset, vision)
     _fill(cache, vision, dataset)
+    kind, directory = "shard", cache.dir
+    if store == "refiner":
+        kind, directory = "part", RefineStore(cache, OnesRefiner()).dir
+        assert RefineStore(cache, OnesRefiner()).fill(dataset, SIZE, progress=False) == len(dataset)
     victim = tmp_path / "victim.txt"
     victim.write_text("not the cache's")
-    (cache.dir / "sub").mkdir()
-    inner = cache.dir / "sub" / "shard-00000.safetensors"
+    (directory / "sub").mkdir()
+    inner = directory / "sub" / f"{kind}-00000.safetensors"
     inner.write_text("not the cache's either")
-    name = str(victim) if shard == "ABSOLUTE" else shard
-    assert (cache.dir / name).resolve() in {victim.resolve(), inner.resolve()}
-    index = json.loads((cache.dir / INDEX).read_text())
-    first = next(iter(index["shards"]))
-    index["shards"][name] = {"sha256": "0" * 64, "count": 1}  # a wrong checksum: "corrupted"
-    index["items"][dataset.item_id(0)]["shard"] = name
-    (cache.dir / INDEX).write_text(json.dumps(index))
-    assert first in index["shards"]
+    names = {"UP": os.path.relpath(victim, directory), "ABSOLUTE": str(victim), "SUB": f"sub/{inner.name}"}
+    name = names[shard]
+    assert (directory / name).resolve() in {victim.resolve(), inner.resolve()}
+    index = json.loads((directory / INDEX).read_text())
+    first = next(iter(index[f"{kind}s"]))
+    index[f"{kind}s"][name] = {"sha256": "0" * 64, "count": 1}  # a wrong checksum: "corrupted"
+    index["items"][dataset.item_id(0)][kind] = name
+    (directory / INDEX).write_text(json.dumps(index))
+    assert first in index[f"{kind}s"]
 
     with caplog.at_level(logging.WARNING):
         reopened = _cache(tmp_path / "c", dataset, vision)
         _fill(reopened, vision, dataset)
         reopened.verify()
+        if store == "refiner":
+            refined = RefineStore(cache, OnesRefiner())
+            assert len(refined) == 0
+            assert refined.fill(dataset, SIZE, progress=False) == len(dataset)
+            assert torch.equal(refined.read(dataset.item_id(0)), torch.ones(2, 4, 4, dtype=torch.bool))
     assert "is unreadable" in caplog.text
     assert victim.read_text() == "not the cache's" and inner.read_text() == "not the cache's either"
 

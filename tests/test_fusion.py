@@ -30,8 +30,10 @@ def test_decoupled_fusion_equals_the_masked_attention_values_and_gradients(layou
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
-    grads = [torch.autograd.grad(sum(t.square().sum() for t in out), [tokens, text, *fusion.parameters()])
-             for out in (got, want)]
+    grads = [
+        torch.autograd.grad(sum(t.square().sum() for t in out), [tokens, text, *fusion.parameters()])
+        for out in (got, want)
+    ]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

@@ -50,7 +50,7 @@ NO_MODEL = """\
 Start the demo with a trained model: a run directory, a model folder or a Hugging Face Hub id.
 
 ```bash
-fusioner quickstart --out runs/quickstart            # trains one offline, about 10 minutes on 2 CPU cores
+fusioner quickstart --out runs/quickstart            # trains one offline, about 5 minutes on 2 CPU cores
 fusioner demo --model runs/quickstart/runs/fusioner
 fusioner demo --model NAMESPACE/NAME                 # a model you pushed with `fusioner push`
 ```
