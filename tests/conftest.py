@@ -43,3 +43,34 @@ def voc_folder(tmp_path_factory) -> Path:
     (root / "splits" / "train.txt").write_text("\n".join(train) + "\n")
     (root / "splits" / "val.txt").write_text("\n".join(val) + "\n")
     return root
+
+
+@pytest.fixture
+def edge_objective_step():
+    """``step(**config)``: one backward step of the SAZS edge objective on a hand-built batch (a
+    tiny head, a 16 x 8 box of name 2 in 32 x 32 targets) -> (objective, loss)."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.nn import functional as F
+
+    from fusioner.config import load_config
+    from fusioner.methods.build import build_head
+    from fusioner.methods.objective import build_objective
+
+    def step(**config):
+        vision, text = SimpleNamespace(embed_dim=12, has_cls=False, name="v"), SimpleNamespace(embed_dim=8)
+        cfg = load_config(None, preset="tiny", sazs_edge_weight=1.0, **config)
+        head = build_head(cfg, vision, text)
+        objective = build_objective(cfg, head, vision, 8)
+        target = torch.zeros(2, 32, 32, dtype=torch.long)
+        target[:, 8:24, 8:20] = 2
+        g = torch.Generator().manual_seed(0)
+        vocab = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+        loss = objective(
+            head, torch.randn(2, 16, 12, generator=g), (4, 4), vocab, torch.tensor([[1, 0]] * 2), target
+        )
+        loss.backward()
+        return objective, loss
+
+    return step

@@ -7,7 +7,6 @@ random-init regressor written to a file, as a user's copy of the released one wo
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -128,25 +127,11 @@ def test_the_term_is_the_distance_from_the_official_zero_map_to_the_label_edges(
     torch.testing.assert_close(grad_with, grad_without)
 
 
-def test_a_training_step_with_a_saved_regressor_runs(tmp_path):
-    from fusioner.methods.build import build_head
-    from fusioner.methods.objective import build_objective
-
+def test_a_training_step_with_a_saved_regressor_runs(tmp_path, edge_objective_step):
     torch.manual_seed(0)
     path = _save(InverseNet(SIDE), tmp_path / "regressor.safetensors")
-    vision, text = SimpleNamespace(embed_dim=12, has_cls=False, name="v"), SimpleNamespace(embed_dim=8)
-    config = load_config(None, preset="tiny", sazs_edge_weight=1.0, inverseform_weights=str(path))
-    head = build_head(config, vision, text)
-    objective = build_objective(config, head, vision, 8)
+    objective, loss = edge_objective_step(inverseform_weights=str(path))
     assert not any(k.startswith("inverse") for k in objective.state_dict())  # never checkpointed
-    target = torch.zeros(2, 32, 32, dtype=torch.long)
-    target[:, 8:24, 8:20] = 2
-    g = torch.Generator().manual_seed(0)
-    vocab = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
-    loss = objective(
-        head, torch.randn(2, 16, 12, generator=g), (4, 4), vocab, torch.tensor([[1, 0]] * 2), target
-    )
-    loss.backward()
     assert torch.isfinite(loss) and objective.edge_head.proj.weight.grad.abs().sum() > 0
     assert objective.inverse_net[0].fc[0].weight.grad is None
 

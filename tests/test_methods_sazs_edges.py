@@ -5,10 +5,8 @@ come from the official formula, written out here pixel by pixel."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
-from torch.nn import functional as F
 
 from fusioner.methods.sazs_edges import EdgeHead, balanced_edge_bce, edge_attention_loss, edge_map
 
@@ -80,21 +78,6 @@ def test_the_edge_head_takes_the_maximum_over_each_images_names():
     torch.testing.assert_close(head(features, 2), per_name.max(1).values)
 
 
-def test_the_objective_trains_the_edge_branch_with_the_head():
-    from fusioner.config import load_config
-    from fusioner.methods.build import build_head
-    from fusioner.methods.objective import build_objective
-
-    vision, text = SimpleNamespace(embed_dim=12, has_cls=False, name="v"), SimpleNamespace(embed_dim=8)
-    config = load_config(None, preset="tiny", sazs_edge_weight=1.0)
-    head = build_head(config, vision, text)
-    objective = build_objective(config, head, vision, 8)
-    target = torch.zeros(2, 32, 32, dtype=torch.long)
-    target[:, 8:24, 8:20] = 2
-    g = torch.Generator().manual_seed(0)
-    vocab = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
-    loss = objective(
-        head, torch.randn(2, 16, 12, generator=g), (4, 4), vocab, torch.tensor([[1, 0]] * 2), target
-    )
-    loss.backward()
+def test_the_objective_trains_the_edge_branch_with_the_head(edge_objective_step):
+    objective, loss = edge_objective_step()
     assert torch.isfinite(loss) and objective.edge_head.proj.weight.grad.abs().sum() > 0

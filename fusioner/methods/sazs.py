@@ -31,7 +31,7 @@ inference asks once per chunk of names and :meth:`SAZSRefiner.graph_masks` keeps
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -94,16 +94,19 @@ class SAZSRefiner:
         self.vision, self.vision_name = vision, vision_name
         # The last view's source (held, so that no later tensor can take its address), its version
         # and grid, and its masks; and the masks served by ``precomputed``.
-        self._last: tuple[Tensor, int, tuple[int, int], Tensor] | None = None
+        self._last: tuple[Tensor, int, tuple[int, int] | None, Tensor] | None = None
         self._given: Tensor | None = None
 
     def eigen_masks(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """Tokens ``b n c`` on ``grid`` -> their eigen-masks bool ``b 2K gh gw``, solved once per
         tokens tensor: inference asks once per chunk of names, with the same tokens."""
+        return self._memo(tokens, grid, lambda: binary_eigen_masks(tokens, grid, self.eigs, self.knn))
+
+    def _memo(self, source: Tensor, grid: tuple[int, int] | None, solve: Callable[[], Tensor]) -> Tensor:
+        """``solve()``, or the masks last solved for this very ``source`` tensor, unmodified since."""
         last = self._last
-        if last is None or last[0] is not tokens or last[1] != tokens._version or last[2] != grid:
-            masks = binary_eigen_masks(tokens, grid, self.eigs, self.knn)
-            self._last = (tokens, tokens._version, grid, masks)
+        if last is None or last[0] is not source or last[1] != source._version or last[2] != grid:
+            self._last = (source, source._version, grid, solve())
         return self._last[3]
 
     def graph_masks(self, tokens: Tensor, grid: tuple[int, int], image: Tensor | None = None) -> Tensor:
@@ -116,13 +119,13 @@ class SAZSRefiner:
             return self.eigen_masks(tokens, grid)
         if image is None:
             raise FusionerError("refine_vision needs the image; this call passed tokens only")
-        last = self._last
-        if last is not None and last[0] is image and last[1] == image._version:
-            return last[3]
-        out = self.vision(image.to(next(self.vision.parameters()).device))
-        masks = binary_eigen_masks(out.tokens.to(tokens.device), out.grid, self.eigs, self.knn)
-        self._last = (image, image._version, out.grid, masks)
-        return masks
+        vision = self.vision
+
+        def solve() -> Tensor:
+            out = vision(image.to(next(vision.parameters()).device))
+            return binary_eigen_masks(out.tokens.to(tokens.device), out.grid, self.eigs, self.knn)
+
+        return self._memo(image, None, solve)  # the grid is refine_vision's own
 
     # What fusioner/engine/refine_cache.py stores per cached image, and how it hands it back.
     def precompute_key(self) -> dict[str, Any]:
